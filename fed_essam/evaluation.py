@@ -20,16 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fed_essam.fitness import (
-    encode_batch,
-    eval_mode,
-    format_prompt,
-    grade,
-    greedy_completions,
-    model_device,
-    token_loss_sums,
-)
-from fed_essam.tasks import Problem
+from fed_essam.fitness import encode_batch, eval_mode, greedy_completions, model_device, token_loss_sums
+from fed_essam.tasks import Problem, format_prompt, grade
 
 
 @dataclass(frozen=True)
@@ -251,6 +243,12 @@ def _restore(params: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
             p.copy_(p0)
 
 
+def _loss_value(loss_fn: Callable[[], float | torch.Tensor]) -> float:
+    """``float(loss_fn())`` without building an autograd graph."""
+    with torch.no_grad():
+        return float(loss_fn())
+
+
 def sharpness(
     model: nn.Module,
     loss_fn: Callable[[], float | torch.Tensor],
@@ -269,7 +267,8 @@ def sharpness(
               \\frac{u^{(k)}_t}{\\|u^{(k)}_t\\|}\\ \\forall t\\Big) - L(\\theta)
 
     and the result holds :math:`\\text{mean}_k \\Delta_k` and
-    :math:`\\max_k \\Delta_k`. A tensor with zero norm is not moved. The
+    :math:`\\max_k \\Delta_k`. A tensor with zero norm is not moved. ``loss_fn``
+    runs under ``torch.no_grad()``. The
     parameters are restored bit-exactly afterwards, even if ``loss_fn`` raises.
 
     Parameters
@@ -297,11 +296,11 @@ def sharpness(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     saved = [p.detach().clone() for p in targets]
     try:
-        base = float(loss_fn())
+        base = _loss_value(loss_fn)
         increases = []
         for _ in range(num_directions):
             _perturb(targets, saved, radius, gen)
-            increases.append(float(loss_fn()) - base)
+            increases.append(_loss_value(loss_fn) - base)
             _restore(targets, saved)
     finally:
         _restore(targets, saved)

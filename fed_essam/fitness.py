@@ -1,6 +1,6 @@
 """Fitness functions: what one ES / ESSAM probe evaluates (lower is better).
 
-Two kinds (``docs`` / ESSAM.md section 2):
+Two kinds (ESSAM.md, sections 2-3):
 
 * :class:`LossFitness` -- mean token cross-entropy of the reference solution
   given the question (teacher forcing):
@@ -11,7 +11,8 @@ Two kinds (``docs`` / ESSAM.md section 2):
   where :math:`S_b` is the set of solution (+ eos) positions of example ``b``.
 * :class:`RewardFitness` -- the negated mean reward of greedy completions,
   :math:`F(\\theta) = -\\frac{1}{B} \\sum_b r_b` with
-  :math:`r_b = \\mathbb{1}[\\text{grade}(p_b, c_b)] + \\beta\\,\\mathbb{1}[c_b \\text{ has ``#### <answer>``}]`.
+  :math:`r_b = \\mathbb{1}[\\text{grade}(p_b, c_b)]
+  + \\beta\\,\\mathbb{1}[c_b \\text{ has ``#### <answer>``}]`.
 
 Both evaluate the model at its *current* parameters, under
 ``torch.inference_mode()``, and never build autograd graphs. A non-finite loss
@@ -30,25 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fed_essam.tasks import Problem
-
-try:  # TEMPORARY fallback until fed_essam.tasks ships these; delete then.
-    from fed_essam.tasks import format_prompt, format_target, grade
-except ImportError:  # pragma: no cover
-
-    def format_prompt(question: str, tokenizer=None, template: str = "plain") -> str:
-        """Plain prompt ``"Question: {question}\nAnswer:"``."""
-        return f"Question: {question}\nAnswer:"
-
-    def format_target(solution: str, template: str = "plain", tokenizer=None) -> str:
-        """Teacher-forcing target ``" " + solution``."""
-        return " " + solution.strip()
-
-    def grade(problem: Problem, completion: str) -> bool:
-        """Last number after ``####`` (else last number) equals the answer."""
-        tail = completion.split("####")[-1] if "####" in completion else completion
-        nums = re.findall(r"-?\d[\d,]*\.?\d*", tail)
-        return bool(nums) and nums[-1 if "####" not in completion else 0].replace(",", "").rstrip(".") == problem.answer.replace(",", "")
+from fed_essam.tasks import Problem, format_prompt, format_target, grade
 
 IGNORE_INDEX = -100
 """Label value of positions that are not scored (prompt and padding)."""
@@ -135,7 +118,9 @@ def _fit_to_length(
     if max_length is None or len(prompt) + len(target) <= max_length:
         return prompt, target
     if max_length < 2:
-        raise ValueError(f"max_length must be >= 2 to hold a prompt and a target token, got {max_length}")
+        raise ValueError(
+            f"max_length must be >= 2 to hold a prompt and a target token, got {max_length}"
+        )
     if len(prompt) >= max_length:
         prompt = prompt[len(prompt) - (max_length - 1) :]
     return prompt, target[: max_length - len(prompt)]
@@ -189,7 +174,8 @@ def encode_batch(
         raise ValueError("tokenizer has no eos token; the target must end with one")
     rows: list[tuple[list[int], list[int]]] = []
     for problem in problems:
-        prompt = tokenize_prompt(tokenizer, format_prompt(problem.question, tokenizer=tokenizer, template=template))
+        prompt_text = format_prompt(problem.question, tokenizer=tokenizer, template=template)
+        prompt = tokenize_prompt(tokenizer, prompt_text)
         target_text = format_target(problem.solution, template=template, tokenizer=tokenizer)
         target = tokenizer(target_text, add_special_tokens=False)["input_ids"]
         rows.append(_fit_to_length(prompt, [*target, eos], max_length))

@@ -9,8 +9,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fed_essam.evaluation import evaluate, generate_answers, sharpness, solution_loss
-from fed_essam.fitness import LossFitness, encode_batch, format_prompt, grade
-from fed_essam.tasks import Problem
+from fed_essam.fitness import LossFitness, encode_batch
+from fed_essam.tasks import Problem, format_prompt, grade
 
 PROBLEMS = [
     Problem("What is 2+3?", "2+3=5\n#### 5", "5"),

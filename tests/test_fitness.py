@@ -17,11 +17,9 @@ from fed_essam.fitness import (
     LossFitness,
     RewardFitness,
     encode_batch,
-    format_prompt,
-    format_target,
     tokenize_prompt,
 )
-from fed_essam.tasks import Problem
+from fed_essam.tasks import Problem, format_prompt, format_target
 
 PROBLEMS = [
     Problem("What is 2+3?", "2+3=5\n#### 5", "5"),
@@ -113,6 +111,17 @@ def test_encode_batch_max_length_cuts_solution_end(tokenizer):
     assert cut.input_ids.shape[1] == full.input_ids.shape[1] - 5
     assert torch.equal(cut.input_ids[0], full.input_ids[0, :-5])
     assert cut.num_target_tokens == full.num_target_tokens - 5
+
+
+def test_encode_batch_chat_template():
+    tok = make_tokenizer()
+    tok.chat_template = "{% for m in messages %}<s>U: {{ m['content'] }}\n{% endfor %}A:"
+    batch = encode_batch(tok, PROBLEMS[:1], template="chat")
+    prompt = tokenize_prompt(tok, format_prompt(PROBLEMS[0].question, tokenizer=tok, template="chat"))
+    assert prompt[0] == tok.bos_token_id and prompt.count(tok.bos_token_id) == 1
+    target = tok(PROBLEMS[0].solution, add_special_tokens=False)["input_ids"]  # no leading space
+    assert batch.labels[0, len(prompt) :].tolist() == [*target, tok.eos_token_id]
+    assert (batch.labels[0, : len(prompt)] == IGNORE_INDEX).all()
 
 
 def test_encode_batch_rejects_empty(tokenizer):
