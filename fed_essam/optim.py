@@ -42,6 +42,7 @@ from fed_essam.perturb import (
     apply_update,
     direction_norm,
     perturbed,
+    reflect,
     trainable_parameters,
     undo,
 )
@@ -182,15 +183,15 @@ class ESSAM(torch.optim.Optimizer):
             base = _as_float(closure())
             calls += 1
         for seed in seeds:
-            with perturbed(params, SeedUpdate((seed,), (h["sigma"],), kind), backend=backend):
-                plus = _as_float(closure())
-            calls += 1
+            probe = SeedUpdate((seed,), (h["sigma"],), kind)
             if base is None:
-                with perturbed(params, SeedUpdate((seed,), (-h["sigma"],), kind), backend=backend):
-                    minus = _as_float(closure())
-                calls += 1
+                plus, minus = antithetic_pair(params, probe, closure, backend=backend)
+                calls += 2
             else:
+                with perturbed(params, probe, backend=backend):
+                    plus = _as_float(closure())
                 minus = base
+                calls += 1
             losses.append((plus, minus))
         plus_arr, minus_arr = np.array([p for p, _ in losses]), np.array([m for _, m in losses])
         return estimators.probe_differences(plus_arr, minus_arr), losses, calls
@@ -276,6 +277,27 @@ def ESSAMF(params, *, lr: float, sigma: float, rho: float, population: int = 8, 
     """ESSAM-F: normalized ascent ``rho g_a / ||g_a||`` with a small ascent population."""
     return ESSAM(params, lr=lr, sigma=sigma, rho=rho, population=population,
                  ascent_population=ascent_population, normalize_ascent=True, **kwargs)
+
+
+def antithetic_pair(params: list[torch.Tensor], probe: SeedUpdate, closure: Closure, *, backend: NoiseBackend = "auto") -> tuple[float, float]:
+    """``(F(theta + delta), F(theta - delta))`` with exact restore, three noise passes.
+
+    ``theta -> theta + delta`` (logged), ``-> theta - delta`` (:func:`reflect`),
+    ``-> theta`` (undo); the parameters are restored even if ``closure`` raises.
+    """
+    mirror = probe.scaled(-1.0)
+    log = add_reversibly(params, probe, backend=backend)
+    try:
+        plus = _as_float(closure())
+    except BaseException:
+        undo(params, probe, log, backend=backend)
+        raise
+    log = reflect(params, probe, log, backend=backend)
+    try:
+        minus = _as_float(closure())
+    finally:
+        undo(params, mirror, log, backend=backend)
+    return plus, minus
 
 
 def _check_positive(**values: float) -> None:

@@ -88,25 +88,24 @@ class SeedUpdate:
 class UndoLog:
     """What :func:`undo` needs to restore parameters bit for bit.
 
-    ``entries[i]`` holds, for parameter ``i``, the flat indices (int64) and
-    original values of the elements that ``fl(fl(theta + delta) - delta)`` gets wrong.
+    ``corrections[(i, start)]`` holds, for the chunk of parameter ``i`` that starts
+    at flat element ``start``, the chunk-local indices and original values of the
+    elements that ``fl(fl(theta + delta) - delta)`` gets wrong.
     """
 
-    entries: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    num_tensors: int = 0
+    corrections: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def num_corrections(self) -> int:
         """How many elements needed an explicit correction."""
-        return sum(int(idx.numel()) for per_param in self.entries for idx, _ in per_param)
+        return sum(int(idx.numel()) for idx, _ in self.corrections.values())
 
     @property
     def nbytes(self) -> int:
         """Memory held by the log."""
-        return sum(
-            idx.numel() * idx.element_size() + val.numel() * val.element_size()
-            for per_param in self.entries
-            for idx, val in per_param
-        )
+        return sum(idx.numel() * idx.element_size() + val.numel() * val.element_size()
+                   for idx, val in self.corrections.values())
 
 
 def trainable_parameters(params: Sequence[torch.nn.Parameter] | torch.nn.Module) -> list[torch.Tensor]:
@@ -142,17 +141,19 @@ def delta_chunk(
 ) -> torch.Tensor:
     """float32 ``sum_k c_k eps(s_k)`` over flat elements ``[offset, offset + count)``.
 
-    Accumulated seed by seed in order with a separate multiply and add, so the
-    bits do not depend on the device.
+    Accumulated seed by seed in order with a separate multiply and add,
+    ``acc = fl(c_0 eps_0)``, ``acc = fl(acc + fl(c_k eps_k))``, so the bits do not
+    depend on the device. Zero coefficients are skipped.
     """
-    acc = torch.zeros(count, dtype=torch.float32, device=device)  # (count,)
+    acc = None
     for seed, coeff in zip(update.seeds, update.coeffs):
         if coeff == 0.0:
             continue
         eps = noise(seed, tensor_index, shape, kind=update.kind, device=device,
                     offset=offset, count=count, backend=backend)  # (count,)
-        acc += eps.mul_(coeff)
-    return acc
+        term = eps.mul_(coeff)  # fl(c_k * eps_k)
+        acc = term if acc is None else acc.add_(term)
+    return torch.zeros(count, dtype=torch.float32, device=device) if acc is None else acc
 
 
 def _round_add(theta: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -188,6 +189,13 @@ def apply_update(
             flat[start : start + count] = _round_add(flat[start : start + count], delta)
 
 
+def _log_wrong(theta: torch.Tensor, moved: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Indices and values of ``theta`` where ``back`` (the undo of ``moved``) differs bitwise."""
+    bits = _BITS_VIEW[theta.dtype]
+    idx = (back.view(bits) != theta.view(bits)).nonzero().squeeze(1)  # (n_wrong,)
+    return (idx, theta[idx].clone()) if idx.numel() else None
+
+
 @torch.no_grad()
 def add_reversibly(
     params: Sequence[torch.Tensor],
@@ -202,22 +210,27 @@ def add_reversibly(
     elements whose bits differ between ``r`` and ``theta`` are logged with their
     original values, then ``theta <- s``.
     """
-    log = UndoLog()
+    log = UndoLog(num_tensors=len(params))
     for index, p in enumerate(params):
         flat = p.view(-1)
-        bits = _BITS_VIEW[p.dtype]
-        per_param: list[tuple[torch.Tensor, torch.Tensor]] = []
         for start, count in _chunks(flat.numel(), chunk):
             theta = flat[start : start + count]  # (count,) view
             delta = delta_chunk(update, index, p.shape, start, count, p.device, backend)
             moved = _round_add(theta, delta)
-            wrong = _round_sub(moved, delta).view(bits) != theta.view(bits)  # (count,) bool
-            idx = wrong.nonzero().squeeze(1)  # (n_wrong,)
-            if idx.numel():
-                per_param.append((idx + start, theta[idx].clone()))
+            wrong = _log_wrong(theta, moved, _round_sub(moved, delta))
+            if wrong is not None:
+                log.corrections[(index, start)] = wrong
             theta.copy_(moved)
-        log.entries.append(per_param)
     return log
+
+
+def _restore_chunk(theta: torch.Tensor, delta: torch.Tensor, log: UndoLog, key: tuple[int, int]) -> torch.Tensor:
+    """``round(theta - delta)`` with the logged elements written back: the exact original."""
+    original = _round_sub(theta, delta)
+    if key in log.corrections:
+        idx, values = log.corrections[key]
+        original[idx] = values
+    return original
 
 
 @torch.no_grad()
@@ -230,15 +243,46 @@ def undo(
     chunk: int = STREAM_CHUNK,
 ) -> None:
     """Exact inverse of :func:`add_reversibly`: ``theta <- round(theta - delta)``, then the log."""
-    if len(log.entries) != len(params):
-        raise ValueError(f"undo log covers {len(log.entries)} tensors, got {len(params)} parameters")
+    if log.num_tensors != len(params):
+        raise ValueError(f"undo log covers {log.num_tensors} tensors, got {len(params)} parameters")
     for index, p in enumerate(params):
         flat = p.view(-1)
         for start, count in _chunks(flat.numel(), chunk):
+            theta = flat[start : start + count]
             delta = delta_chunk(update, index, p.shape, start, count, p.device, backend)
-            flat[start : start + count] = _round_sub(flat[start : start + count], delta)
-        for idx, values in log.entries[index]:
-            flat[idx] = values
+            theta.copy_(_restore_chunk(theta, delta, log, (index, start)))
+
+
+@torch.no_grad()
+def reflect(
+    params: Sequence[torch.Tensor],
+    update: SeedUpdate,
+    log: UndoLog,
+    *,
+    backend: NoiseBackend = "auto",
+    chunk: int = STREAM_CHUNK,
+) -> UndoLog:
+    """Move from ``theta + delta`` to ``theta - delta`` in one pass over the noise.
+
+    Same result, bits and log as ``undo(params, update, log)`` followed by
+    ``add_reversibly(params, update.scaled(-1))``, with one noise generation
+    instead of two (an antithetic pair costs three instead of four).
+    """
+    if log.num_tensors != len(params):
+        raise ValueError(f"undo log covers {log.num_tensors} tensors, got {len(params)} parameters")
+    mirrored = UndoLog(num_tensors=len(params))
+    for index, p in enumerate(params):
+        flat = p.view(-1)
+        for start, count in _chunks(flat.numel(), chunk):
+            theta = flat[start : start + count]
+            delta = delta_chunk(update, index, p.shape, start, count, p.device, backend)
+            original = _restore_chunk(theta, delta, log, (index, start))
+            moved = _round_sub(original, delta)
+            wrong = _log_wrong(original, moved, _round_add(moved, delta))
+            if wrong is not None:
+                mirrored.corrections[(index, start)] = wrong
+            theta.copy_(moved)
+    return mirrored
 
 
 @contextlib.contextmanager
@@ -303,6 +347,7 @@ __all__ = [
     "fingerprint",
     "parameter_count",
     "perturbed",
+    "reflect",
     "trainable_parameters",
     "undo",
 ]

@@ -108,3 +108,38 @@ def test_only_trainable_parameters_are_perturbed():
     assert len(params) == 2
     apply_update(params, SeedUpdate((1,), (0.1,)))
     assert all(torch.equal(v, model[0].state_dict()[k]) for k, v in frozen.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reflect_equals_undo_then_add_of_the_mirror(dtype):
+    from fed_essam.perturb import reflect
+
+    a, b = _params(dtype), _params(dtype)
+    probe = SeedUpdate((21,), (3e-3,))
+    log_a = add_reversibly(a, probe, chunk=100)
+    log_b = add_reversibly(b, probe, chunk=100)
+    log_a = reflect(a, probe, log_a, chunk=100)
+    undo(b, probe, log_b, chunk=100)
+    log_b = add_reversibly(b, probe.scaled(-1.0), chunk=100)
+    assert _bits_equal(a, b)
+    assert log_a.corrections.keys() == log_b.corrections.keys()
+    for key in log_a.corrections:
+        assert all(torch.equal(x, y) for x, y in zip(log_a.corrections[key], log_b.corrections[key]))
+    before = _params(dtype)
+    undo(a, probe.scaled(-1.0), log_a, chunk=100)
+    assert _bits_equal(a, before)
+
+
+def test_antithetic_pair_restores_and_reports_both_sides():
+    from fed_essam.optim import antithetic_pair
+
+    params = _params(torch.float32)
+    before = [p.detach().clone() for p in params]
+    probe = SeedUpdate((8,), (1e-2,))
+    plus, minus = antithetic_pair(params, probe, lambda: float(params[0].sum()))
+    with perturbed(params, probe):
+        want_plus = float(params[0].sum())
+    with perturbed(params, probe.scaled(-1.0)):
+        want_minus = float(params[0].sum())
+    assert (plus, minus) == (want_plus, want_minus)
+    assert _bits_equal(params, before)
