@@ -1,0 +1,132 @@
+"""Federated runs on the tiny model: equivalence with the centralized optimizer, and a real Flower simulation.
+
+Equivalence: with full participation and every client probing the central run's
+fixed batch (``federation.partition=shared``), a federation over the in-process
+grid ends with the same parameters as ``fed_essam.training``'s central stepper,
+bit for bit: every client computes the same float32 losses as the central run,
+the weighted mean of identical per-client differences is exact (a shifted sum),
+and the coefficient arithmetic, seeds and order of application are shared code.
+With the data split between clients the federated loss difference is a float64
+combination of per-client float32 means, the central one a float32 mean over
+the union: the parameters then agree to rounding (checked relative to the update).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord
+from omegaconf import OmegaConf, open_dict
+
+from clients import cache
+from fed_essam.app import compose_config, config_yaml, make_client_app, run_federated
+from fed_essam.data import build_problem_sets, derive_seed, step_batch
+from fed_essam.fitness import LossFitness, encode_batch, model_device
+from fed_essam.optim import ESSAM
+from fed_essam.partition import partition
+from fed_essam.perturb import fingerprint, trainable_parameters
+from fed_essam.replica import load_replica
+from strategies.essam import ESSAMSettings, ESSAMStrategy
+from strategies.local_grid import LocalGrid
+
+SMALL = ["task.train_size=8", "eval.size=2", "eval.batch_size=2", "eval.max_new_tokens=4", "batch_size=2",
+         "method.population=2", "method.ascent_population=2", "seed=3", "progress=false"]
+
+
+def _federate(cfg, rounds: int) -> tuple[ESSAMStrategy, list[torch.Tensor]]:
+    """Federate ``rounds`` steps over the in-process grid; also return a copy of the base tensors."""
+    cache.clear()
+    _, _, replica = load_replica(cfg)
+    base = [p.detach().clone() for p in replica.params]
+    strategy = ESSAMStrategy(replica, ESSAMSettings.from_config(cfg))
+    grid = LocalGrid(make_client_app(config_yaml(cfg)), int(cfg.federation.num_clients))
+    strategy.start(grid, ArrayRecord(), num_rounds=rounds, timeout=60.0)
+    return strategy, base
+
+
+def _central_stepper(cfg):
+    """The centralized run's own stepper (fed_essam.training), on a validated copy of the configuration."""
+    from fed_essam.config import validate_config
+    from fed_essam.training import load_run_model, make_stepper
+
+    central_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    central_cfg.federation.partition = "iid"  # irrelevant to a central run
+    central_cfg = validate_config(central_cfg)
+    model, tokenizer = load_run_model(central_cfg)
+    return model, make_stepper(central_cfg, model, tokenizer)
+
+
+def test_federation_equals_the_centralized_run_bit_for_bit():
+    cfg = compose_config([*SMALL, "federation.num_clients=2", "federation.partition=shared", "fixed_batch=true"])
+    strategy, _ = _federate(cfg, 2)
+    model, stepper = _central_stepper(cfg)
+    assert strategy.fingerprints[0] == fingerprint(trainable_parameters(model)), "both must start from one base"
+    train, _ = build_problem_sets(cfg)
+    for t in range(2):
+        stepper.step(step_batch(train, t, cfg.batch_size, cfg.seed, cfg.fixed_batch))
+    assert strategy.fingerprint_mismatches == 0
+    assert all(r.replies["descent"] == 2 for r in strategy.rounds)
+    assert [u for u in strategy.log] == stepper.update_log
+    assert strategy.replica.fingerprint() == fingerprint(trainable_parameters(model))
+
+
+def test_federation_on_split_data_matches_the_central_union_to_rounding():
+    # raw (MeZO-style d / 2 sigma) coefficients are linear in d; z-scores of two seeds would
+    # amplify rounding by 1 / |d_1 - d_2| and hide what is being measured
+    cfg = compose_config([*SMALL, "task.train_size=4", "federation.num_clients=2", "federation.partition=iid",
+                          "fixed_batch=true", "method.shaping=raw", "method.lr=1e-5"])
+    strategy, base = _federate(cfg, 2)
+    train, _ = build_problem_sets(cfg)
+    union = [p for k in range(2)
+             for p in step_batch(partition(train, k, 2, scheme="iid", seed=cfg.seed), 0, 2, derive_seed(cfg.seed, k), True)]
+    assert sorted(p.question for p in union) == sorted(p.question for p in train)
+    entry = cache.cached_model()  # the client process's model copy, reset to the base: the central run
+    params = entry.replica.params
+    with torch.no_grad():
+        for p, b in zip(params, base):
+            p.copy_(b)
+    m = cfg.method
+    opt = ESSAM(params, lr=m.lr, sigma=m.sigma, rho=m.rho, population=m.population,
+                ascent_population=m.ascent_population, shaping="raw", seed=cfg.seed)
+    fitness = LossFitness(entry.model, encode_batch(entry.tokenizer, union, device=model_device(entry.model)))
+    for _ in range(2):
+        opt.step(fitness)
+    flat = lambda tensors: torch.cat([t.detach().flatten() for t in tensors])  # noqa: E731
+    relative = float((flat(strategy.replica.params) - flat(params)).norm() / (flat(params) - flat(base)).norm())
+    print(f"split-data federated vs central union: relative difference of the update {relative:.2e}")
+    assert relative < 1e-3, relative
+    assert strategy.fingerprint_mismatches == 0
+
+
+def test_local_backend_writes_the_run_folder(tmp_path):
+    cfg = compose_config([*SMALL, "num_rounds=2", "federation.num_clients=2", "federation.partition=iid",
+                          "federation.backend=local", "eval.every=1", "checkpoint_every=1"])
+    summary = run_federated(cfg, tmp_path)
+    for key in ("accuracy_before", "accuracy_after", "loss_before", "loss_after", "num_rounds", "forward_passes",
+                "peak_memory_bytes", "bytes_down_per_client_round", "bytes_up_per_client_round",
+                "fedavg_bytes_per_client_round", "fingerprint_mismatches"):
+        assert key in summary, key
+    assert summary["num_rounds"] == 2 and summary["fingerprint_mismatches"] == 0
+    assert summary["forward_passes"] == 2 * 2 * (2 * 2 + 2 * 2)  # rounds x clients x (ascent + descent) passes
+    assert 0 < summary["bytes_down_per_client_round"] < summary["fedavg_bytes_per_client_round"] / 1000
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1, 2] and all("accuracy" in line for line in lines)
+    assert (tmp_path / "metrics.png").is_file() and (tmp_path / "checkpoints" / "step-000002").is_dir()
+
+
+def test_ray_simulation_three_clients_two_rounds(tmp_path):
+    cfg = compose_config([*SMALL, "num_rounds=2", "federation.num_clients=3", "federation.partition=iid",
+                          "federation.backend=ray", "eval.every=0", "checkpoint_every=0",
+                          "+federation.ray_init_args.num_cpus=2"])
+    summary = run_federated(cfg, tmp_path)
+    _, _, base = load_replica(cfg)
+    assert summary["final_fingerprint"] != base.fingerprint(), "the parameters must change"
+    assert summary["fingerprint_mismatches"] == 0, "every client replica must match the server's"
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rounds = [line for line in lines if line["step"] > 0]
+    assert [(r["ascent_replies"], r["descent_replies"], r["clients"]) for r in rounds] == [(3, 3, 3)] * 2
+    assert summary["bytes_up_per_client_round"] > 0 and summary["failed_replies"] == 0
