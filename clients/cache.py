@@ -50,6 +50,7 @@ class CachedModel:
     tokenizer: Any
     replica: Replica
     loads: int = 1
+    peak_memory: int | None = None
 
 
 @dataclass

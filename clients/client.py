@@ -20,7 +20,9 @@ For a :class:`~fed_essam.protocol.ProbeRequest` of step ``t`` at version ``V``:
 
 4. Reply: the ``d_{k,i}`` (local DP: clipped and noised), the weight ``n_k``
    (target tokens for the loss fitness, examples for the reward), and the
-   fingerprint of the parameters at ``V``.
+   fingerprint of the parameters at ``V``. The first request a process serves
+   is measured with :func:`fed_essam.memory.measure_peak_memory` (model as
+   resident baseline) and its peak reported once.
 
 The client's batch is ``step_batch(share, t, batch_size, seed_k, fixed)``: the
 same for both exchanges of a step, a different stream per client
@@ -161,13 +163,25 @@ def run_request(
         problems = step_batch(share, request.step, cfg.batch_size, client_seed(cfg, partition_id), fixed=cfg.fixed_batch)
         closure, weight = _fitness(cfg, entry.model, entry.tokenizer, problems)
         params = entry.replica.params
-        undo_log = add_reversibly(params, request.ascent, backend=backend) if request.ascent else None
-        try:
-            d, losses = probe(params, request.seeds, request.sigma, closure, kind=kind, backend=backend,
-                              antithetic=m.antithetic)
-        finally:
-            if undo_log is not None:
-                undo(params, request.ascent, undo_log, backend=backend)
+
+        def probes() -> tuple[np.ndarray, list[float]]:
+            undo_log = add_reversibly(params, request.ascent, backend=backend) if request.ascent else None
+            try:
+                return probe(params, request.seeds, request.sigma, closure, kind=kind, backend=backend,
+                             antithetic=m.antithetic)
+            finally:
+                if undo_log is not None:
+                    undo(params, request.ascent, undo_log, backend=backend)
+
+        peak = 0
+        if entry.peak_memory is None:  # measured once per process (the profiler slows the request)
+            from fed_essam.memory import measure_peak_memory
+
+            measured = measure_peak_memory(probes, resident=[entry.model], device=model_device(entry.model))
+            (d, losses), peak = measured.result, measured.peak_bytes
+            entry.peak_memory = peak
+        else:
+            d, losses = probes()
         fp = entry.replica.fingerprint()
     privacy = cfg.get("privacy", {})
     if privacy.get("enabled", False) and privacy.get("mode", "local") == "local":
@@ -177,7 +191,7 @@ def run_request(
     reply = ProbeReply(
         step=request.step, phase=request.phase, version=request.version, diffs=tuple(float(v) for v in d),
         weight=weight, num_examples=len(problems), loss=float(np.mean(losses)) if losses else math.nan,
-        fingerprint=fp,
+        fingerprint=fp, peak_memory=peak,
     )
     return reply, merged
 

@@ -55,13 +55,22 @@ def config_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(data))
 
 
-def compose_config(overrides: list[str] | None = None, config_dir: Path = CONF_DIR) -> DictConfig:
+def find_conf_dir() -> Path:
+    """``conf/`` next to the package (a source checkout), else in a ``sys.path`` entry (a Flower FAB)."""
+    import sys
+
+    for folder in [CONF_DIR, *(Path(entry) / "conf" for entry in sys.path if entry)]:
+        if (folder / "config.yaml").is_file():
+            return folder.resolve()
+    raise FileNotFoundError(f"no conf/config.yaml next to the package ({CONF_DIR}) or on sys.path")
+
+
+def compose_config(overrides: list[str] | None = None, config_dir: Path | None = None) -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides (Hydra's compose API)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    if not config_dir.is_dir():
-        raise FileNotFoundError(f"configuration folder {config_dir} not found")
+    config_dir = find_conf_dir() if config_dir is None else config_dir
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base=None):
         return compose(config_name="config", overrides=list(overrides or []))
@@ -242,8 +251,9 @@ def run_server(grid: Grid, cfg: DictConfig, run_dir: str | os.PathLike, *, min_a
         "mode": "federated", "method": cfg.method.name, "seed": int(cfg.seed),
         "accuracy_before": before.accuracy, "accuracy_after": after.accuracy,
         "loss_before": before.loss, "loss_after": after.loss, "num_rounds": strategy.version,
-        "forward_passes": totals["forward_passes"], "peak_memory_bytes": _peak_memory_bytes(),
-        "peak_memory_method": "server-process-max-rss", "wall_seconds": time.perf_counter() - start,
+        "forward_passes": totals["forward_passes"], "peak_memory_bytes": strategy.client_peak_memory,
+        "peak_memory_method": "client probing, fed_essam.memory.measure_peak_memory (max over client processes)",
+        "server_peak_rss_bytes": _peak_memory_bytes(), "wall_seconds": time.perf_counter() - start,
         "num_clients": int(cfg.federation.num_clients),
         "fingerprint_mismatches": strategy.fingerprint_mismatches,
         "skipped_rounds": sum(1 for r in strategy.rounds if r.skipped),
@@ -273,9 +283,11 @@ def _print_progress(step: int, last: int, fields: dict[str, Any]) -> None:
         value = fields.get(key)
         return format(value, spec) if isinstance(value, (int, float)) else "-"
 
+    clients = fields.get("clients") or 0
+    per_client = {k: f"{fields[k] / clients:.0f}" if clients and k in fields else "-" for k in ("bytes_down", "bytes_up")}
     print(f"[fed-essam] round {step}/{last}  loss {fmt('loss', '.4f')}  acc {fmt('accuracy', '.3f')}  "
-          f"clients {fields.get('descent_replies', '-')}/{fields.get('clients', '-')}  "
-          f"down {fmt('bytes_down', 'd')} B  up {fmt('bytes_up', 'd')} B"
+          f"clients {fields.get('descent_replies', '-')}/{clients or '-'}  "
+          f"bytes/client down {per_client['bytes_down']} up {per_client['bytes_up']}"
           + (f"  SKIPPED: {fields['skipped_reason']}" if fields.get("skipped_reason") else ""), flush=True)
 
 

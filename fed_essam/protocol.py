@@ -222,6 +222,8 @@ class ProbeReply:
         :func:`fed_essam.perturb.fingerprint` of the client's parameters at ``version``.
     status : int
         :data:`STATUS_OK` or :data:`STATUS_LAGGING`.
+    peak_memory : int
+        Peak bytes of the client's probing, measured once per client process (0: not measured).
     """
 
     step: int
@@ -233,6 +235,7 @@ class ProbeReply:
     loss: float = float("nan")
     fingerprint: str = "0" * 16
     status: int = STATUS_OK
+    peak_memory: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Flat MetricRecord-compatible dict."""
@@ -243,6 +246,8 @@ class ProbeReply:
             "fp-hi": high, "fp-lo": low, "status": int(self.status),
         }
         _put(out, "diffs", [float(d) for d in self.diffs])
+        if self.peak_memory:
+            out["peak-memory"] = int(self.peak_memory)
         return out
 
     @classmethod
@@ -254,6 +259,7 @@ class ProbeReply:
                 diffs=tuple(float(d) for d in data.get("diffs", [])), weight=float(data["weight"]),
                 num_examples=int(data["num-examples"]), loss=float(data["loss"]),
                 fingerprint=ints_to_fingerprint(data["fp-hi"], data["fp-lo"]), status=int(data["status"]),
+                peak_memory=int(data.get("peak-memory", 0)),
             )
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise ProtocolError(f"malformed probe reply: {err!r}") from err

@@ -200,6 +200,7 @@ class ESSAMStrategy(Strategy):
         self.fingerprints: dict[int, str] = {self.version: replica.fingerprint()}
         self.known: dict[int, int] = {}
         self.rounds_answered: dict[int, int] = {}
+        self.client_peak_memory = 0
         self.rounds: list[RoundLog] = []
         self.accountant = DPAccountant(settings.dp_central[1], "central",
                                        releases_per_round=2 if settings.rho > 0 else 1) if settings.dp_central else None
@@ -285,6 +286,7 @@ class ESSAMStrategy(Strategy):
                 r.rejected += 1
                 continue
             self.known[node] = reply.version
+            self.client_peak_memory = max(self.client_peak_memory, reply.peak_memory)
             r.forward_passes += self.settings.probes_per_reply[phase]
             if reply.version != self.version or reply.fingerprint != self.fingerprints.get(reply.version):
                 r.mismatches += 1

@@ -111,6 +111,7 @@ def test_local_backend_writes_the_run_folder(tmp_path):
                 "fedavg_bytes_per_client_round", "fingerprint_mismatches"):
         assert key in summary, key
     assert summary["num_rounds"] == 2 and summary["fingerprint_mismatches"] == 0
+    assert summary["peak_memory_bytes"] > sum(p.numel() * 4 for p in cache.cached_model().replica.params)
     assert summary["forward_passes"] == 2 * 2 * (2 * 2 + 2 * 2)  # rounds x clients x (ascent + descent) passes
     assert 0 < summary["bytes_down_per_client_round"] < summary["fedavg_bytes_per_client_round"] / 1000
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from clients.client import merge_pending, probe, read_log, write_log
 from fed_essam import ESSAM, ESSAMF
-from fed_essam.perturb import SeedUpdate, fingerprint
+from fed_essam.perturb import SeedUpdate, add_reversibly, fingerprint, undo
 from fed_essam.protocol import (
     RECORD_KEY, STATUS_LAGGING, ProbeReply, ProbeRequest, content_nbytes, ints_to_fingerprint, fingerprint_to_ints,
 )
@@ -85,7 +85,7 @@ def test_request_and_reply_round_trip_exactly():
                            pending_from=7, pending=pending, ascent=ascent)
     assert ProbeRequest.from_dict(dict(ConfigRecord(request.to_dict()))) == request
     reply = ProbeReply(step=9, phase="ascent", version=10, diffs=(1e-17, -3.25), weight=123.0, num_examples=4,
-                       loss=2.5, fingerprint="fedcba9876543210")
+                       loss=2.5, fingerprint="fedcba9876543210", peak_memory=123456789)
     assert ProbeReply.from_dict(dict(MetricRecord(reply.to_dict()))) == reply
     assert ints_to_fingerprint(*fingerprint_to_ints("00000000000000ff")) == "00000000000000ff"
     assert content_nbytes({"seeds": b"12345678", "step": 3}) == len("seeds") + 8 + len("step") + 8
@@ -129,8 +129,6 @@ class QuadraticClient:
             replica = Replica([theta], pool=self.pool)  # catch-up from the base model, every time
             self.regenerations.append(replica.sync(merged, request.version))
             points = self.data[pid]
-            from fed_essam.perturb import add_reversibly, undo
-
             log_adv = add_reversibly([theta], request.ascent) if request.ascent else None
             d, losses = probe([theta], request.seeds, request.sigma, _quadratic(theta, points), kind="gaussian",
                               backend="auto", antithetic=self.antithetic)
