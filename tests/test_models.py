@@ -21,7 +21,7 @@ MATH_TEXT = (
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The shipped tiny model and its tokenizer."""
+    """Load the shipped tiny model and its tokenizer once."""
     return load_model("tiny", device="cpu")
 
 
@@ -82,9 +82,9 @@ def test_pretraining_example_format() -> None:
     question, solution, answer = arithmetic_example(random.Random(3))
     text = format_prompt(question) + " " + solution
     assert text.startswith("Question: ") and "\nAnswer: " in text
-    assert solution.endswith(f"#### {answer}")
-    expression = solution.split(" = ")[0]
-    assert str(eval(expression)) == answer  # noqa: S307 - generated digits and +/- only
+    assert solution.endswith(f"\n#### {answer}")
+    left, op, right = solution.split(" = ")[0].split()
+    assert int(answer) == (int(left) + int(right) if op == "+" else int(left) - int(right))
 
 
 # --------------------------------------------------------------------------- #
@@ -109,7 +109,7 @@ def test_build_tiny_model_and_load(tmp_path) -> None:
 def test_build_is_deterministic_given_steps(tmp_path) -> None:
     weights = []
     for run in ("a", "b"):
-        out = tiny_model.build_tiny_model(tmp_path / run, seconds=60, seed=4, max_steps=2)
+        out = tiny_model.build_tiny_model(tmp_path / run, seconds=600, seed=4, max_steps=2)
         model, _ = load_model(str(out), device="cpu")
         weights.append(model.model.embed_tokens.weight.detach().clone())
     assert torch.equal(weights[0], weights[1])
@@ -125,7 +125,7 @@ def test_shipped_model_loads_and_generates(tiny) -> None:
     problems = [arithmetic_example(rng) for _ in range(48)]
     outputs = greedy_answers(model, tokenizer, [q for q, _, _ in problems])
     assert all("####" in text for text in outputs[:8])
-    correct = sum(text.split("####")[-1].strip() == a for text, (_, _, a) in zip(outputs, problems))
+    correct = sum(text.split("####")[-1].strip() == a for text, (_, _, a) in zip(outputs, problems, strict=True))
     assert correct / len(problems) >= 0.3  # in-distribution sanity bound
 
 
@@ -165,6 +165,7 @@ def test_smollm2_missing_package(monkeypatch) -> None:
 # --------------------------------------------------------------------------- #
 # LoRA
 # --------------------------------------------------------------------------- #
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_lora_trains_only_adapters_and_starts_at_base(tiny) -> None:
     base, tokenizer = tiny
     lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "dropout": 0.0}
