@@ -100,15 +100,19 @@ class ESSAMSettings:
     def from_config(cls, cfg: Any, *, min_available: int | None = None) -> "ESSAMSettings":
         """Settings from a composed run configuration."""
         m, f = cfg.method, cfg.federation
+        name = str(m.get("name", "essam"))
+        if name == "backprop":
+            raise ValueError("method=backprop needs gradients and runs in mode=central only")
         privacy = cfg.get("privacy") or {}
         dp = None
         if privacy.get("enabled", False) and privacy.get("mode", "local") == "central":
             dp = (float(privacy["clip"]), float(privacy["noise_multiplier"]))
-        rho = float(m.get("rho", 0.0))
+        # as fed_essam.training.build_optimizer: ES and MeZO never ascend, ESSAM-F always normalizes
+        rho = 0.0 if name in ("es", "mezo") else float(m.get("rho", 0.0))
         return cls(
             lr=float(m.lr), sigma=float(m.sigma), rho=rho, population=int(m.population),
             ascent_population=int(m.get("ascent_population") or (m.population if rho > 0 else 0)),
-            normalize_ascent=bool(m.get("normalize_ascent", False)), shaping=str(m.shaping),
+            normalize_ascent=bool(m.get("normalize_ascent", False)) or name == "essam_f", shaping=str(m.shaping),
             antithetic=bool(m.antithetic), seed=int(cfg.seed), seed_pool=m.get("seed_pool"),
             noise=str(m.noise), noise_backend=str(m.noise_backend), fraction=float(f.fraction),
             min_clients=int(f.min_clients),
@@ -235,16 +239,22 @@ class ESSAMStrategy(Strategy):
         count = s.ascent_population if phase == Phase.ASCENT else s.population
         return draw_seeds(s.seed, step, phase, count, pool_size=s.seed_pool)
 
-    def _sample(self, grid: Grid, server_round: int) -> list[int]:
+    def _sample(self, grid: Grid, step: int) -> list[int]:
+        """This step's clients: wait (up to ``wait_timeout``) for ``min_available`` nodes, then sample.
+
+        Flower's grid may list no node yet in the first round; the sample is a
+        pure function of (run seed, step, connected node ids).
+        """
         s = self.settings
         deadline = time.monotonic() + s.wait_timeout
         nodes = sorted(grid.get_node_ids())
-        while len(nodes) < s.min_available and time.monotonic() < deadline:
+        if len(nodes) < s.min_available:
             log(INFO, "Waiting for nodes: %d connected (need %d)", len(nodes), s.min_available)
+        while len(nodes) < s.min_available and time.monotonic() < deadline:
             time.sleep(0.5)
             nodes = sorted(grid.get_node_ids())
         count = sample_size(len(nodes), s.fraction, s.min_clients)
-        return sorted(random.Random(f"{s.seed}/{server_round}").sample(nodes, count))
+        return sorted(random.Random(f"{s.seed}/{step}").sample(nodes, count))
 
     def _request(self, node: int, phase: str, seeds: list[int], server_round: int,
                  ascent: SeedUpdate | None = None) -> Message:
@@ -338,7 +348,7 @@ class ESSAMStrategy(Strategy):
         step = self.first_step + server_round - 1
         if step != self.version:
             raise RuntimeError(f"round {server_round} is step {step} but the server is at version {self.version}")
-        self._round = RoundLog(step=step, nodes=self._sample(grid, server_round))
+        self._round = RoundLog(step=step, nodes=self._sample(grid, step))
         self._available = max(self._available, len(list(grid.get_node_ids())))
         if len(self._round.nodes) < self.settings.min_clients:
             self._skip(f"{len(self._round.nodes)} nodes available, fewer than federation.min_clients="

@@ -119,6 +119,19 @@ def test_seed_pool_catch_up_costs_at_most_k_regenerations(cfg, base):
     assert server.regenerations <= 3
 
 
+def test_local_dp_noises_the_reply_and_fault_injection_raises(cfg, base):
+    from clients.client import InjectedFault
+
+    log = _log(cfg, 1)
+    plain = _reply(handle(_message(_request(cfg, log, 1)), _context(), cfg))
+    dp_cfg = compose_config([*OVERRIDES, "privacy=dp", "privacy.clip=1e-3", "privacy.noise_multiplier=1.0"])
+    noised = _reply(handle(_message(_request(dp_cfg, log, 1)), _context(), dp_cfg))
+    assert noised.fingerprint == plain.fingerprint and noised.diffs != plain.diffs
+    faulty = compose_config([*OVERRIDES, "federation.fault_rate=0.999"])
+    with pytest.raises(InjectedFault):
+        handle(_message(_request(faulty, log, 1)), _context(), faulty)
+
+
 def test_sequential_replica_refuses_a_foreign_log(cfg):
     params = [torch.zeros(4)]
     replica = Replica(params)
