@@ -4,11 +4,13 @@ Two functions define what every run sees; the centralized loop and the federated
 clients both use them:
 
 * :func:`build_problem_sets` -- ``(train, held_out)`` from ``cfg.task``. The
-  training pool comes from the task's ``train`` split; the held-out set from the
-  ``test`` split of the same generator, from ``task.eval_source`` /
-  ``task.eval_path``, or (one JSONL file) from a seeded split of the file. A
-  held-out problem whose key (:func:`problem_key`) occurs in the training pool
-  is dropped, so the two sets never share a problem.
+  held-out set holds ``eval_size`` distinct problems of the ``test`` split of
+  the task's generator, of ``task.eval_source`` / ``task.eval_path``, or (one
+  JSONL file) of a seeded split of the file. The training pool comes from the
+  ``train`` split, without any problem whose key (:func:`problem_key`) is held
+  out, so the two sets never share a problem, even in a small problem space
+  (2-term single-digit sums: 200 problems); generators are asked for more
+  problems until ``train_size`` remain.
 * :func:`step_batch` -- the batch of step ``t``: consecutive slices of a seeded
   permutation of the pool, a fresh permutation every epoch (sampling without
   replacement within an epoch). With ``fixed=True`` every step gets the batch
@@ -174,31 +176,70 @@ def _split_one_file(t: dict[str, Any]) -> tuple[list[Problem], list[Problem]]:
     return (train if size is None else train[:size]), held
 
 
-def _held_out(t: dict[str, Any], train: Sequence[Problem]) -> list[Problem]:
-    """Held-out problems from another split / source, none of whose keys is in ``train``."""
+def _eval_source(t: dict[str, Any]) -> tuple[str, str | None, dict[str, Any]]:
+    """Source, path and generator options of the held-out set."""
     source = t["eval_source"] or ("jsonl" if t["eval_path"] else t["source"])
     path = t["eval_path"] if source == "jsonl" else None
     if source == t["source"] and t["eval_kwargs"] is None:
-        kwargs = t["kwargs"]
-    else:
-        kwargs = _kwargs(t["eval_kwargs"])
-    seen = {problem_key(p) for p in train}
-    size, want = t["eval_size"], t["eval_size"]
+        return source, path, t["kwargs"]
+    return source, path, _kwargs(t["eval_kwargs"])
+
+
+def _distinct(source: str, size: int | None, exclude: set[str], load: Any) -> list[Problem]:
+    """``size`` problems from ``load(request)`` whose keys are outside ``exclude``.
+
+    A generator is asked for more problems (doubling, :data:`HELD_OUT_ATTEMPTS`
+    times) until enough survive; a file is read once. Held-out sets
+    (``exclude`` empty) are also made duplicate-free.
+    """
     generated = source not in FILE_SOURCES
+    want = size
     for _ in range(HELD_OUT_ATTEMPTS):
-        request = 2 * want + 64 if generated else None
-        candidates = load_problems(source, size=request, seed=t["data_seed"], path=path, split="test",
-                                   on_error=t["on_error"], **kwargs)
-        held = _exclude(candidates, seen, size)
-        if len(held) == size or not generated:
-            break
+        request = 2 * want + 64 if generated and size is not None else size
+        candidates = load(request)
+        if exclude:
+            kept = [p for p in candidates if problem_key(p) not in exclude][:size]
+        else:
+            kept = _exclude(candidates, set(), size if size is not None else len(candidates))
+        if size is None or len(kept) == size or not generated:
+            return kept
         want *= 2
+    return kept
+
+
+def _held_out(t: dict[str, Any]) -> list[Problem]:
+    """``eval_size`` distinct problems of the ``test`` split (or of the eval source)."""
+    source, path, kwargs = _eval_source(t)
+    size = t["eval_size"]
+
+    def load(request: int | None) -> list[Problem]:
+        return load_problems(source, size=request, seed=t["data_seed"], path=path, split="test",
+                             on_error=t["on_error"], **kwargs)
+
+    held = _distinct(source, size, set(), load)
     if len(held) < size:
         raise TaskDataError(
-            f"found only {len(held)} held-out problems of {source!r} that are not in the training pool "
-            f"(eval.size={size}); enlarge the task (task.kwargs) or lower eval.size / task.train_size"
+            f"found only {len(held)} distinct held-out problems of {source!r} (eval.size={size}); "
+            "enlarge the task (task.kwargs) or lower eval.size"
         )
     return held
+
+
+def _train_pool(t: dict[str, Any], held_out: Sequence[Problem]) -> list[Problem]:
+    """``train_size`` problems of the ``train`` split whose keys are not held out."""
+    exclude = {problem_key(p) for p in held_out}
+
+    def load(request: int | None) -> list[Problem]:
+        return load_problems(t["source"], size=request, seed=t["data_seed"], path=t["path"], split="train",
+                             on_error=t["on_error"], **t["kwargs"])
+
+    train = _distinct(t["source"], t["train_size"], exclude, load)
+    if not train:
+        raise TaskDataError(
+            f"task {t['source']!r} has no training problem outside the {len(held_out)} held-out ones; "
+            "lower eval.size or enlarge the task (task.kwargs)"
+        )
+    return train
 
 
 def build_problem_sets(cfg: DictConfig | Mapping) -> tuple[list[Problem], list[Problem]]:
@@ -229,11 +270,8 @@ def build_problem_sets(cfg: DictConfig | Mapping) -> tuple[list[Problem], list[P
         raise TaskDataError(f"the held-out set needs eval.size >= 1, got {t['eval_size']!r}")
     if t["source"] == "jsonl" and not t["eval_path"] and t["eval_source"] in (None, "jsonl"):
         return _split_one_file(t)
-    train = load_problems(t["source"], size=t["train_size"], seed=t["data_seed"], path=t["path"], split="train",
-                          on_error=t["on_error"], **t["kwargs"])
-    if not train:
-        raise TaskDataError(f"task {t['source']!r} gave an empty training pool")
-    return train, _held_out(t, train)
+    held_out = _held_out(t)
+    return _train_pool(t, held_out), held_out
 
 
 __all__ = ["build_problem_sets", "derive_seed", "problem_key", "step_batch"]

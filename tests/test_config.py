@@ -115,17 +115,18 @@ def test_train_and_held_out_never_overlap_and_are_deterministic() -> None:
     assert other != train
 
 
-def test_held_out_overlap_is_removed_in_a_small_problem_space() -> None:
-    # 2-term single-digit sums: 10 * 10 * 2 = 200 problems; the pool covers most of them
-    cfg = _cfg("task.train_size=400", "eval.size=20",
-               "task.kwargs.min_terms=2", "task.kwargs.max_terms=2")
+def test_small_problem_space_is_split_between_train_and_held_out() -> None:
+    # 2-term single-digit sums: 10 * 10 * 2 = 200 problems, fewer than the pool asks for
+    cfg = _cfg("task.train_size=400", "eval.size=80", "task.kwargs.min_terms=2", "task.kwargs.max_terms=2")
     train, held = build_problem_sets(cfg)
-    assert len(held) == 20
-    assert not {problem_key(p) for p in train} & {problem_key(p) for p in held}
+    assert len(held) == 80 and len(train) == 400
+    train_keys, held_keys = {problem_key(p) for p in train}, {problem_key(p) for p in held}
+    assert not train_keys & held_keys
+    assert len(held_keys) == 80 and len(train_keys) > 100  # most of the other 120 problems
 
 
-def test_held_out_raises_when_the_problem_space_is_exhausted() -> None:
-    cfg = _cfg("task.train_size=2000", "eval.size=150", "task.kwargs.min_terms=2", "task.kwargs.max_terms=2")
+def test_held_out_larger_than_the_problem_space_raises() -> None:
+    cfg = _cfg("task.train_size=50", "eval.size=250", "task.kwargs.min_terms=2", "task.kwargs.max_terms=2")
     with pytest.raises(TaskDataError, match="held-out"):
         build_problem_sets(cfg)
 
@@ -138,9 +139,11 @@ def test_one_jsonl_file_is_split_without_overlap() -> None:
 
 
 def test_eval_path_gives_the_held_out_set() -> None:
-    cfg = _cfg("task=jsonl", f"task.path={DATA}", f"task.eval_path={DATA}", "eval.size=3")
-    with pytest.raises(TaskDataError, match="held-out"):  # same file: every problem overlaps
-        build_problem_sets(cfg)
+    cfg = _cfg("task=jsonl", f"task.path={DATA}", f"task.eval_path={DATA}", "eval.size=2")
+    train, held = build_problem_sets(cfg)  # same file: the held-out problems leave the pool
+    assert len(held) == 2 and train and not {p.question for p in train} & {p.question for p in held}
+    with pytest.raises(TaskDataError, match="held-out"):  # nothing left to train on
+        build_problem_sets(_cfg("task=jsonl", f"task.path={DATA}", f"task.eval_path={DATA}", "eval.size=6"))
 
 
 def _pool(n: int) -> list[Problem]:
