@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import processors
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fed_essam.fitness import (
     IGNORE_INDEX,
@@ -19,6 +19,7 @@ from fed_essam.fitness import (
     encode_batch,
     tokenize_prompt,
 )
+from tests.tiny_llama import make_model, make_tokenizer
 from fed_essam.tasks import Problem, format_prompt, format_target
 
 PROBLEMS = [
@@ -26,30 +27,6 @@ PROBLEMS = [
     Problem("Tom has 4 apples and eats 1. How many are left?", "4-1=3\n#### 3", "3"),
     Problem("6*7?", "6*7=42, so the answer is 42.\n#### 42", "42"),
 ]
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer over printable ASCII and newline, with pad/bos/eos."""
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {tok: i for i, tok in enumerate(specials + chars)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
-def make_model(vocab_size: int, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A random 2-layer, 64-wide Llama."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 @pytest.fixture(scope="module")
