@@ -121,12 +121,39 @@ def client_share(cfg: DictConfig, partition_id: int, num_partitions: int) -> lis
         return data.shares[share_key]
 
 
+def site_share(cfg: DictConfig, data_path: str) -> list[Problem]:
+    """A deployed site's own problems: every problem of its ``data-path`` file (no further split).
+
+    Cached per process by the file's absolute path, size and modification time
+    (an edited file is read again); ``task.on_error`` applies to bad lines.
+    """
+    import os
+    from pathlib import Path
+
+    from fed_essam.data import site_problems
+
+    file = Path(data_path).expanduser().absolute()
+    on_error = str(cfg.task.get("on_error", "raise"))
+    try:
+        stat = os.stat(file)
+        key = json.dumps([str(file), stat.st_size, stat.st_mtime_ns, on_error])
+    except OSError:
+        key = None  # site_problems names the file in its error
+    with LOCK:
+        site = _CACHE.get("site")
+        if key is None or site is None or site[0] != key:
+            site = (key, site_problems(file, on_error=on_error))
+            _CACHE["site"] = site
+        return site[1]
+
+
 def clear(*, data: bool = True) -> None:
     """Drop the cached model (and the data unless ``data=False``); tests, freeing memory."""
     with LOCK:
         _CACHE.pop("model", None)
         if data:
             _CACHE.pop("data", None)
+            _CACHE.pop("site", None)
 
 
 def cached_model() -> CachedModel | None:
@@ -134,4 +161,5 @@ def cached_model() -> CachedModel | None:
     return _CACHE.get("model")
 
 
-__all__ = ["CachedData", "CachedModel", "cached_model", "clear", "client_share", "data_key", "model_key", "synced_model"]
+__all__ = ["CachedData", "CachedModel", "cached_model", "clear", "client_share", "data_key", "model_key", "site_share",
+           "synced_model"]

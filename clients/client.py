@@ -24,7 +24,9 @@ For a :class:`~fed_essam.protocol.ProbeRequest` of step ``t`` at version ``V``:
    is measured with :func:`fed_essam.memory.measure_peak_memory` (model as
    resident baseline) and its peak reported once.
 
-The client's batch is ``step_batch(share, t, batch_size, seed_k, fixed)``: the
+The client's share is its partition of the run's training pool, or, on a
+deployed node whose node config has ``data-path``, that whole file (the site's
+own data). Its batch is ``step_batch(share, t, batch_size, seed_k, fixed)``: the
 same for both exchanges of a step, a different stream per client
 (``seed_k = derive_seed(seed, k)``), or the central run's stream with the
 ``shared`` partition.
@@ -145,8 +147,13 @@ def run_request(
     log: list[SeedUpdate],
     partition_id: int,
     num_partitions: int,
+    data_path: str | None = None,
 ) -> tuple[ProbeReply, list[SeedUpdate]]:
-    """Serve one request (no Flower types): returns the reply and the node's new log."""
+    """Serve one request (no Flower types): returns the reply and the node's new log.
+
+    ``data_path`` (a deployed node's ``data-path``): the node's problems are that
+    whole GSM8K-format JSONL file instead of share ``partition_id`` of the run's pool.
+    """
     merged = merge_pending(log, request)
     if merged is None:
         return ProbeReply(step=request.step, phase=request.phase, version=len(log), status=STATUS_LAGGING), log
@@ -157,7 +164,8 @@ def run_request(
     kind, backend = m.noise, m.noise_backend
     with cache.LOCK:
         entry = cache.synced_model(cfg, merged, request.version)
-        share = cache.client_share(cfg, partition_id, num_partitions)
+        share = (cache.site_share(cfg, data_path) if data_path
+                 else cache.client_share(cfg, partition_id, num_partitions))
         from fed_essam.data import step_batch
 
         problems = step_batch(share, request.step, cfg.batch_size, client_seed(cfg, partition_id), fixed=cfg.fixed_batch)

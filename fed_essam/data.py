@@ -11,6 +11,9 @@ clients both use them:
   out, so the two sets never share a problem, even in a small problem space
   (2-term single-digit sums: 200 problems); generators are asked for more
   problems until ``train_size`` remain.
+* :func:`site_problems` -- a deployed site's own GSM8K-format JSONL file
+  (``flower-supernode --node-config "data-path='...'"``): the whole file is
+  that node's partition, no sampling and no split.
 * :func:`step_batch` -- the batch of step ``t``: consecutive slices of a seeded
   permutation of the pool, a fresh permutation every epoch (sampling without
   replacement within an epoch). With ``fixed=True`` every step gets the batch
@@ -24,8 +27,10 @@ only orders the batches (and draws the probes).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -242,6 +247,29 @@ def _train_pool(t: dict[str, Any], held_out: Sequence[Problem]) -> list[Problem]
     return train
 
 
+def site_problems(path: str | os.PathLike, on_error: str = "raise") -> list[Problem]:
+    """Every problem of a site's own GSM8K-format JSONL file, in file order (a node's whole partition).
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The file (``~`` expanded; a relative path is taken from the current
+        directory and reported as an absolute one).
+    on_error : {"raise", "skip"}
+        ``task.on_error``: raise on the first bad line, or skip bad lines with one warning.
+
+    Raises
+    ------
+    TaskDataError
+        Missing, unreadable, empty or (``on_error="raise"``) malformed file; the
+        message starts with the file's absolute path (``"<path>:<line>: <reason>"`` for a bad line).
+    """
+    file = Path(path).expanduser().absolute()
+    if not file.exists():
+        raise TaskDataError(f"{file}: file not found (the node's data-path, a GSM8K-format JSONL file of this site)")
+    return load_problems("jsonl", size=None, seed=0, path=str(file), on_error=on_error)
+
+
 def build_problem_sets(cfg: DictConfig | Mapping) -> tuple[list[Problem], list[Problem]]:
     """Training pool and held-out set of a run.
 
@@ -274,4 +302,4 @@ def build_problem_sets(cfg: DictConfig | Mapping) -> tuple[list[Problem], list[P
     return _train_pool(t, held_out), held_out
 
 
-__all__ = ["build_problem_sets", "derive_seed", "problem_key", "step_batch"]
+__all__ = ["build_problem_sets", "derive_seed", "problem_key", "site_problems", "step_batch"]
