@@ -81,12 +81,23 @@ def data_key(cfg: DictConfig) -> str:
 
 
 def synced_model(cfg: DictConfig, log: list, version: int,
-                 loader: Callable[[DictConfig], tuple[torch.nn.Module, Any, Replica]] = load_replica) -> CachedModel:
-    """The process's model, brought to ``version`` of ``log`` (loaded or reloaded as needed)."""
+                 loader: Callable[[DictConfig], tuple[torch.nn.Module, Any, Replica]] = load_replica,
+                 *, reload: bool = False) -> CachedModel:
+    """The process's model, brought to ``version`` of ``log`` (loaded or reloaded as needed).
+
+    ``reload=True`` (a resync) drops the cached weights whatever version they claim
+    and replays ``log`` on a fresh copy of the base model.
+    """
     key = model_key(cfg)
     with LOCK:
         entry = _CACHE.get("model")
-        if entry is None or entry.key != key:
+        if reload and entry is not None:
+            _CACHE.pop("model", None)
+            loads, peak = entry.loads + 1, entry.peak_memory if entry.key == key else None
+            entry = None  # free the old copy before loading the new one
+            entry = CachedModel(key, *loader(cfg), loads=loads, peak_memory=peak)
+            _CACHE["model"] = entry
+        elif entry is None or entry.key != key:
             _CACHE.pop("model", None)  # free the old copy before loading the new one
             entry = CachedModel(key, *loader(cfg))
             _CACHE["model"] = entry

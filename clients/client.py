@@ -11,6 +11,9 @@ For a :class:`~fed_essam.protocol.ProbeRequest` of step ``t`` at version ``V``:
 2. Catch-up. The process's one model copy (:mod:`clients.cache`) is brought to
    version ``V`` by replaying the log from wherever it stands (from the base
    model if needed; with a seed pool, one pass of at most ``K`` seeds).
+   A *resync* request (the server saw this node's fingerprint differ from its
+   own) replaces the node's log by the request's whole log and reloads the base
+   model before replaying it: whatever went wrong in the log or the weights is gone.
 3. Probes, exactly as :meth:`fed_essam.optim.ESSAM._probe`: for every seed
    ``s_i``, ``F_k(theta +/- sigma eps(s_i))`` on the client's batch of step ``t``,
    with exact reversible moves; in the descent, around
@@ -74,8 +77,11 @@ def write_log(log: Sequence[SeedUpdate]) -> dict:
 def merge_pending(log: list[SeedUpdate], request: ProbeRequest) -> list[SeedUpdate] | None:
     """The log extended by the request's pending updates, or ``None`` when a gap remains.
 
-    The server's updates are authoritative: entries from ``pending_from`` on are replaced.
+    The server's updates are authoritative: entries from ``pending_from`` on are replaced;
+    a resync request replaces the whole log.
     """
+    if request.resync:
+        return list(request.pending)
     if request.pending_from > len(log):
         return None
     return log[: request.pending_from] + list(request.pending)
@@ -163,7 +169,7 @@ def run_request(
     m = cfg.method
     kind, backend = m.noise, m.noise_backend
     with cache.LOCK:
-        entry = cache.synced_model(cfg, merged, request.version)
+        entry = cache.synced_model(cfg, merged, request.version, reload=request.resync)
         share = (cache.site_share(cfg, data_path) if data_path
                  else cache.client_share(cfg, partition_id, num_partitions))
         from fed_essam.data import step_batch

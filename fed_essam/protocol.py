@@ -14,7 +14,7 @@ update). The client appends what it lacks to its own log and brings its
 parameters to ``version`` before probing.
 
 Down, a :class:`ProbeRequest` becomes a flat ``ConfigRecord``-compatible dict
-(keys: ``step``, ``phase``, ``version``, ``sigma``, ``rho``, ``seeds``; the
+(keys: ``step``, ``phase``, ``version``, ``sigma``, ``rho``, ``seeds``, ``resync``; the
 pending updates ``upd-from``, ``upd-counts``, ``upd-seeds``, ``upd-coeffs``; the
 ascent as ``adv-seeds``, ``adv-coeffs``) in which seed lists are packed as little-endian uint64 bytes (8 bytes a seed;
 a protobuf varint would take 10) and coefficient lists as little-endian float32
@@ -138,6 +138,10 @@ class ProbeRequest:
         Updates of versions ``[pending_from, version)``.
     ascent : SeedUpdate or None
         Descent only: ``theta_adv = theta + ascent``.
+    resync : bool
+        The server saw this node's fingerprint differ from its own: the node must
+        drop its log and its parameters, reload the base model and replay
+        ``pending``, which then holds the whole log (``pending_from = 0``).
     """
 
     step: int
@@ -149,10 +153,13 @@ class ProbeRequest:
     pending_from: int = 0
     pending: tuple[SeedUpdate, ...] = ()
     ascent: SeedUpdate | None = None
+    resync: bool = False
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
             raise ProtocolError(f"unknown phase {self.phase!r}")
+        if self.resync and self.pending_from != 0:
+            raise ProtocolError(f"a resync request carries the whole log (pending_from=0), not from {self.pending_from}")
         if self.pending_from + len(self.pending) != self.version:
             raise ProtocolError(
                 f"pending updates cover versions [{self.pending_from}, {self.pending_from + len(self.pending)}), "
@@ -167,6 +174,8 @@ class ProbeRequest:
         }
         if self.phase == "descent":
             out["rho"] = self.rho
+        if self.resync:
+            out["resync"] = 1
         _put(out, "seeds", pack_seeds(self.seeds))
         pending = encode_updates(self.pending)
         _put(out, "upd-counts", pending["counts"])
@@ -193,7 +202,7 @@ class ProbeRequest:
                 step=int(data["step"]), phase=phase, version=int(data["version"]),
                 seeds=unpack_seeds(data.get("seeds", b"")), sigma=float(data["sigma"]),
                 rho=float(data.get("rho", 0.0)), pending_from=int(data["upd-from"]),
-                pending=tuple(pending), ascent=ascent,
+                pending=tuple(pending), ascent=ascent, resync=bool(int(data.get("resync", 0))),
             )
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise ProtocolError(f"malformed probe request: {err!r}") from err

@@ -29,9 +29,17 @@ With full participation on identical data the federation therefore replays the
 centralized run bit for bit (see tests/test_federated.py).
 
 Faults: a round goes on with the replies that came (errors, timeouts, malformed
-or mismatched replies are dropped and counted); with fewer than ``min_clients``
-usable replies in an exchange the step is skipped (an empty update, so versions
-keep counting steps), logged, and training continues.
+or mismatched replies are dropped and counted; a reply with a NaN or infinite
+scalar is counted as ``non_finite``); with fewer than ``min_clients`` usable
+replies in an exchange the step is skipped (an empty update, so versions keep
+counting steps), logged, and training continues.
+
+Divergence: a reply whose fingerprint differs from the server's at its version
+(the node's parameters or log went wrong: a bit flip, a bad disk, a bug) is left
+out, and the node's next request is a *resync*: ``resync=True`` with the whole
+update log (``pending_from = 0``). The node drops its log and its parameters,
+reloads the base model and replays the log (:mod:`clients.client`), so it agrees
+with the server again and is used from that request on.
 """
 
 from __future__ import annotations
@@ -141,7 +149,9 @@ class RoundLog:
     failures: int = 0
     lagging: int = 0
     mismatches: int = 0
+    resyncs: int = 0
     rejected: int = 0
+    non_finite: int = 0
     loss: float = math.nan
     forward_passes: int = 0
     bytes_down: dict[int, int] = field(default_factory=dict)
@@ -156,7 +166,8 @@ class RoundLog:
         return {
             "step": self.step, "sampled": len(self.nodes), "ascent_replies": self.replies["ascent"],
             "descent_replies": self.replies["descent"], "failures": self.failures, "lagging": self.lagging,
-            "fingerprint_mismatches": self.mismatches, "rejected": self.rejected, "skipped": int(self.skipped is not None),
+            "fingerprint_mismatches": self.mismatches, "resyncs": self.resyncs, "rejected": self.rejected,
+            "non_finite": self.non_finite, "skipped": int(self.skipped is not None),
             "loss": self.loss, "forward_passes": self.forward_passes,
             "bytes_down": sum(self.bytes_down.values()), "bytes_up": sum(self.bytes_up.values()),
             "wire_bytes_down": sum(self.wire_down.values()), "wire_bytes_up": sum(self.wire_up.values()),
@@ -203,6 +214,7 @@ class ESSAMStrategy(Strategy):
         self.replica.sync(self.log)
         self.fingerprints: dict[int, str] = {self.version: replica.fingerprint()}
         self.known: dict[int, int] = {}
+        self.resync: set[int] = set()  # nodes whose next request carries resync=True and the whole log
         self.rounds_answered: dict[int, int] = {}
         self.client_peak_memory = 0
         self.rounds: list[RoundLog] = []
@@ -222,6 +234,11 @@ class ESSAMStrategy(Strategy):
     def fingerprint_mismatches(self) -> int:
         """Replies whose fingerprint differed from the server's at their version, over the run."""
         return sum(r.mismatches for r in self.rounds)
+
+    @property
+    def resyncs(self) -> int:
+        """Resync requests sent over the run (see the module docstring)."""
+        return sum(r.resyncs for r in self.rounds)
 
     def summary(self) -> None:
         """Log the configuration."""
@@ -258,11 +275,17 @@ class ESSAMStrategy(Strategy):
 
     def _request(self, node: int, phase: str, seeds: list[int], server_round: int,
                  ascent: SeedUpdate | None = None) -> Message:
-        start = min(self.known.get(node, 0), self.version)
+        resync = node in self.resync
+        if resync:  # sent once; a node still wrong afterwards mismatches again and is asked again
+            self.resync.discard(node)
+            self._round.resyncs += 1
+            log(INFO, "step %d %s: node %d resyncs (base model + the %d updates of the log)",
+                self._round.step, phase, node, self.version)
+        start = 0 if resync else min(self.known.get(node, 0), self.version)
         request = ProbeRequest(
             step=self._round.step, phase=phase, version=self.version, seeds=tuple(seeds),
             sigma=self.settings.sigma, rho=self.settings.rho if phase == "descent" else 0.0, pending_from=start,
-            pending=tuple(self.log[start:]), ascent=ascent,
+            pending=tuple(self.log[start:]), ascent=ascent, resync=resync,
         )
         message = Message(RecordDict({RECORD_KEY: ConfigRecord(request.to_dict())}), dst_node_id=node,
                           message_type=MESSAGE_TYPES[phase], group_id=str(server_round))
@@ -300,8 +323,10 @@ class ESSAMStrategy(Strategy):
             r.forward_passes += self.settings.probes_per_reply[phase]
             if reply.version != self.version or reply.fingerprint != self.fingerprints.get(reply.version):
                 r.mismatches += 1
-                log(WARNING, "step %d %s: node %d parameters differ from the server's (version %d, %s != %s)",
-                    r.step, phase, node, reply.version, reply.fingerprint, self.fingerprints.get(reply.version))
+                self.resync.add(node)
+                log(WARNING, "step %d %s: node %d parameters differ from the server's (version %d, %s != %s); "
+                    "it resyncs with its next request", r.step, phase, node, reply.version, reply.fingerprint,
+                    self.fingerprints.get(reply.version))
                 continue
             good.append((node, reply))
         good.sort(key=lambda item: item[0])
@@ -315,6 +340,9 @@ class ESSAMStrategy(Strategy):
         agg = aggregate_replies([rep for _, rep in good], num_seeds, method=s.aggregation,
                                 trim_fraction=s.trim_fraction, min_replies=s.min_clients)
         self._round.rejected += len(agg.rejected)
+        self._round.non_finite += sum(1 for reason in agg.rejected if reason.startswith("non-finite"))
+        for reason in agg.rejected:
+            log(WARNING, "step %d: a reply was left out: %s", self._round.step, reason)
         if math.isnan(self._round.loss):
             self._round.loss = agg.loss
         if agg.diffs is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from omegaconf import OmegaConf, open_dict
 
 from clients import cache
@@ -131,3 +131,60 @@ def test_ray_simulation_three_clients_two_rounds(tmp_path):
     rounds = [line for line in lines if line["step"] > 0]
     assert [(r["ascent_replies"], r["descent_replies"], r["clients"]) for r in rounds] == [(3, 3, 3)] * 2
     assert summary["bytes_up_per_client_round"] > 0 and summary["failed_replies"] == 0
+
+
+def _round(strategy: ESSAMStrategy, grid: LocalGrid, server_round: int) -> None:
+    """One round, hook by hook, as ``Strategy.start`` runs it."""
+    messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+    strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+    messages = strategy.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid)
+    strategy.aggregate_evaluate(server_round, grid.send_and_receive(messages))
+
+
+def test_a_diverged_client_is_told_to_resync_and_agrees_again():
+    """Real divergence of the client's weights (not of its reported fingerprint), then a resync."""
+    from clients.client import LOG_KEY, read_log, write_log
+
+    cfg = compose_config([*SMALL, "federation.num_clients=2", "federation.partition=iid",
+                          "federation.min_clients=1"])
+    cache.clear()
+    _, _, replica = load_replica(cfg)
+    strategy = ESSAMStrategy(replica, ESSAMSettings.from_config(cfg, min_available=2))
+    grid = LocalGrid(make_client_app(config_yaml(cfg)), 2)
+    for server_round in (1, 2):
+        _round(strategy, grid, server_round)
+    assert strategy.fingerprint_mismatches == 0 and strategy.resyncs == 0
+    loads = cache.cached_model().loads
+
+    # (a) the client process's weights go wrong (a flipped value; its log and version look fine)
+    with torch.no_grad():
+        cache.cached_model().replica.params[0].view(-1)[0] += 1e-3
+    _round(strategy, grid, 3)
+    r = strategy.rounds[-1]
+    assert r.mismatches == 2 and r.replies["ascent"] == 0 and r.skipped  # both nodes share that process
+    assert strategy.resync == set(grid.node_ids)
+    _round(strategy, grid, 4)
+    r = strategy.rounds[-1]
+    assert r.resyncs == 2 and r.mismatches == 0 and r.replies == {"ascent": 2, "descent": 2} and not r.skipped
+    assert cache.cached_model().loads > loads  # reloaded from the base model and replayed
+    entry = cache.cached_model()  # one update behind the server: it gets U_t with the next message
+    assert entry.replica.version == strategy.version - 1
+    assert entry.replica.fingerprint() == strategy.fingerprints[entry.replica.version]
+
+    # (b) one node's own state goes wrong: a coefficient of its stored log; replaying it gives other weights
+    bad = grid.node_ids[1]
+    log = read_log(dict(grid.contexts[bad].state.config_records[LOG_KEY]), cfg.method.noise)
+    log[0] = type(log[0])(log[0].seeds, tuple(c * 2 for c in log[0].coeffs), log[0].kind)
+    grid.contexts[bad].state[LOG_KEY] = ConfigRecord(write_log(log))
+    _round(strategy, grid, 5)
+    r = strategy.rounds[-1]
+    assert r.mismatches == 1 and r.replies == {"ascent": 1, "descent": 1} and strategy.resync == {bad}
+    assert bad not in r.answered
+    for server_round in (6, 7):
+        _round(strategy, grid, server_round)
+        r = strategy.rounds[-1]
+        assert r.mismatches == 0 and r.replies == {"ascent": 2, "descent": 2} and bad in r.answered
+    assert [r.resyncs for r in strategy.rounds] == [0, 0, 0, 2, 0, 1, 0]
+    assert [r.mismatches for r in strategy.rounds] == [0, 0, 2, 0, 1, 0, 0]
+    fixed = read_log(dict(grid.contexts[bad].state.config_records[LOG_KEY]), cfg.method.noise)
+    assert fixed == strategy.log[: len(fixed)]

@@ -18,7 +18,7 @@ from clients.client import merge_pending, probe, read_log, write_log
 from fed_essam import ESSAM, ESSAMF
 from fed_essam.perturb import SeedUpdate, add_reversibly, fingerprint, undo
 from fed_essam.protocol import (
-    RECORD_KEY, STATUS_LAGGING, ProbeReply, ProbeRequest, content_nbytes, ints_to_fingerprint, fingerprint_to_ints,
+    RECORD_KEY, STATUS_LAGGING, ProbeReply, ProbeRequest, ProtocolError, content_nbytes, ints_to_fingerprint, fingerprint_to_ints,
 )
 from fed_essam.replica import Replica, pool_seeds
 from strategies.aggregation import aggregate_replies, median, trimmed_mean, weighted_mean
@@ -88,6 +88,12 @@ def test_request_and_reply_round_trip_exactly():
                        loss=2.5, fingerprint="fedcba9876543210", peak_memory=123456789)
     assert ProbeReply.from_dict(dict(MetricRecord(reply.to_dict()))) == reply
     assert ints_to_fingerprint(*fingerprint_to_ints("00000000000000ff")) == "00000000000000ff"
+    resync = ProbeRequest(step=3, phase="ascent", version=3, seeds=(1,), sigma=1e-3, pending=pending, resync=True)
+    assert ProbeRequest.from_dict(dict(ConfigRecord(resync.to_dict()))) == resync
+    assert merge_pending([SeedUpdate((9,), (9.0,))] * 5, resync) == list(pending)  # the server's whole log wins
+    with pytest.raises(ProtocolError, match="whole log"):
+        ProbeRequest(step=3, phase="ascent", version=3, seeds=(1,), sigma=1e-3, pending_from=2,
+                     pending=pending[2:], resync=True)
     assert content_nbytes({"seeds": b"12345678", "step": 3}) == len("seeds") + 8 + len("step") + 8
 
 
