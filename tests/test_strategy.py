@@ -277,3 +277,24 @@ def test_central_dp_noises_the_aggregate_and_keeps_an_accountant():
     assert strategy.accountant.rounds == 2
     assert 0 < strategy.accountant.epsilon(1e-5) < math.inf
     assert all(len(r.nodes) == 2 for r in strategy.rounds)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_client_with_non_finite_scalars_is_dropped_and_the_update_is_the_others_alone(bad):
+    class Poisoned(QuadraticClient):
+        def __call__(self, message, context):
+            reply = super().__call__(message, context)
+            if context.node_config["partition-id"] == 2:  # the third node sends one bad value per exchange
+                record = dict(reply.content[RECORD_KEY])
+                record["diffs"] = [bad] + list(record["diffs"][1:])
+                reply = Message(RecordDict({RECORD_KEY: MetricRecord(record)}), reply_to=message)
+            return reply
+
+    data = [_targets(4, 8), _targets(5, 9), _targets(6, 10)]
+    strategy, theta, _ = _run(_settings(min_clients=2), Poisoned(data), 3, 3)
+    clean, theta_clean, _ = _run(_settings(min_clients=2), QuadraticClient(data[:2]), 2, 3)
+    assert [r.non_finite for r in strategy.rounds] == [2, 2, 2]  # ascent and descent, every round
+    assert all(r.rejected == 2 and r.metrics()["non_finite"] == 2 for r in strategy.rounds)
+    assert all(r.replies == {"ascent": 3, "descent": 3} and not r.skipped for r in strategy.rounds)
+    assert strategy.log == clean.log  # the same update as from the two other clients alone
+    assert torch.equal(theta, theta_clean) and torch.all(torch.isfinite(theta))
