@@ -28,7 +28,10 @@ to keep on during a run.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+import sys
 import tracemalloc
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -209,12 +212,34 @@ def _measure_cuda(fn: Callable[[], Any], device: torch.device) -> PeakMemory:
     )
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block (Kineto prints ``profiler_start/stop`` lines there)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured): nothing to silence
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def _measure_cpu(fn: Callable[[], Any], baseline: int, track_host_heap: bool) -> PeakMemory:
     gc.collect()
     started_tracing = False
     heap_peak = 0
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _native_stderr_silenced():  # only the profiler's start and stop, not what fn prints
+            prof.start()
+        try:
             start_marker = torch.empty(1)
             # traced from here on only: the profiler's own start-up (lazy imports) would count
             if track_host_heap and not tracemalloc.is_tracing():
@@ -227,6 +252,9 @@ def _measure_cpu(fn: Callable[[], Any], baseline: int, track_host_heap: bool) ->
             # read before the profiler exits: its post-processing allocates Python objects
             heap_peak = max(tracemalloc.get_traced_memory()[1] - heap_start, 0) if track_host_heap else 0
             end_marker = torch.empty(1)
+        finally:
+            with _native_stderr_silenced():
+                prof.stop()
     finally:
         if started_tracing:
             tracemalloc.stop()
