@@ -15,7 +15,8 @@ left. ``FLWR_HOME`` and ``HOME`` point into ``tmp_path``: nothing touches the
 user's Flower configuration. The commands are those of ``docs/deployment.md``.
 
 Slow (each message starts a fresh ``flwr-clientapp`` process that loads torch and
-the model): about 3-5 minutes on 2 busy cores; ``make test-slow`` runs it.
+the model): 408 s measured on 2 cores shared with other jobs (load average 8);
+``make test-slow`` runs it.
 """
 
 from __future__ import annotations
