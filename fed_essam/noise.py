@@ -113,27 +113,40 @@ def _mix32_numpy(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def noise_numpy_into(out: np.ndarray, h: np.ndarray, offset: int, key0: int, key1: int, kind: NoiseKind) -> np.ndarray:
+    """Write the noise of indices ``[offset, offset + len(out))`` into ``out`` (float32).
+
+    ``h`` is uint32 scratch of the same length (overwritten). One cache-sized block
+    of :func:`noise_numpy`, without allocating the output: callers that stream
+    parameters (:mod:`fed_essam.perturb`) reuse their buffers block after block.
+    """
+    n = out.shape[0]
+    h = h[:n]
+    h[:] = np.arange(offset, offset + n, dtype=np.uint32)
+    h ^= np.uint32(key0 & MASK32)
+    _mix32_numpy(h)
+    h ^= np.uint32(key1 & MASK32)
+    _mix32_numpy(h)
+    if kind == "rademacher":
+        np.copyto(out, np.where(h >> np.uint32(31), np.float32(-1.0), np.float32(1.0)))
+        return out
+    pairs = (h & np.uint32(0x00FF00FF)) + ((h >> np.uint32(8)) & np.uint32(0x00FF00FF))  # two 16-bit lanes
+    total = (pairs & np.uint32(0xFFFF)) + (pairs >> np.uint32(16))  # sum of the 4 bytes
+    centred = total.astype(np.int32) - np.int32(2 * (_UNIFORM_LEVELS - 1))
+    np.multiply(centred.astype(np.float32), np.float32(GAUSSIAN_SCALE), out=out)
+    return out
+
+
 def noise_numpy(offset: int, count: int, key0: int, key1: int, kind: NoiseKind, *, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
     """The same noise as :func:`noise_from_index` for indices ``[offset, offset + count)``, in NumPy.
 
     Works on cache-sized chunks; the byte sum uses two 16-bit lanes (SWAR).
     """
     out = np.empty(count, dtype=np.float32)  # (count,)
-    k0, k1 = np.uint32(key0 & MASK32), np.uint32(key1 & MASK32)
+    h = np.empty(min(chunk, count), dtype=np.uint32)  # scratch, reused
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
-        h = np.arange(offset + start, offset + stop, dtype=np.uint32)
-        h ^= k0
-        _mix32_numpy(h)
-        h ^= k1
-        _mix32_numpy(h)
-        if kind == "rademacher":
-            out[start:stop] = np.where(h >> np.uint32(31), np.float32(-1.0), np.float32(1.0))
-            continue
-        pairs = (h & np.uint32(0x00FF00FF)) + ((h >> np.uint32(8)) & np.uint32(0x00FF00FF))  # two 16-bit lanes
-        total = (pairs & np.uint32(0xFFFF)) + (pairs >> np.uint32(16))  # sum of the 4 bytes
-        centred = total.astype(np.int32) - np.int32(2 * (_UNIFORM_LEVELS - 1))
-        np.multiply(centred.astype(np.float32), np.float32(GAUSSIAN_SCALE), out=out[start:stop])
+        noise_numpy_into(out[start:stop], h, offset + start, key0, key1, kind)
     return out
 
 

@@ -83,3 +83,18 @@ def test_rejects_bad_slice_and_backend():
         noise(1, 0, (10,), offset=5, count=6)
     with pytest.raises(ValueError, match="backend"):
         noise(1, 0, (10,), backend="cuda-magic")
+
+
+@pytest.mark.parametrize("seed,index,shape", CASES)
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_native_noise_is_bit_exact_against_numpy_reference(seed, index, shape, kind):
+    from fed_essam import native_probe
+    from fed_essam.noise import tensor_keys
+
+    probe = native_probe.load()
+    if probe is None:
+        pytest.skip(f"native loops unavailable: {native_probe.unavailable_reason()}")
+    count = int(np.prod(shape))
+    got = probe.noise(0, count, *tensor_keys(seed, index), kind)
+    want = noise_reference.noise(seed, index, shape, kind).reshape(-1)
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))

@@ -143,3 +143,146 @@ def test_antithetic_pair_restores_and_reports_both_sides():
         want_minus = float(params[0].sum())
     assert (plus, minus) == (want_plus, want_minus)
     assert _bits_equal(params, before)
+
+
+# -- the fused paths (float32 on the CPU): native C loops and NumPy blocks ----------------------------
+FUSED_SHAPES = [(70_001,), (3, 5), (1,), (4097,), (9, 8, 7)]  # several blocks, odd tails, one element
+FUSED_UPDATES = [
+    SeedUpdate((3,), (1e-3,)),  # ~10% of the elements logged: bitmask entries
+    SeedUpdate((4,), (1e-6,)),  # a few: int32 index entries
+    SeedUpdate((5, 6, 7), (0.5, 0.0, -0.25)),  # several seeds, a zero coefficient, huge moves
+    SeedUpdate((8, 9), (1e-4, 2e-4), "rademacher"),
+    SeedUpdate((10,), (0.0,)),  # no move at all (but -0.0 + 0.0 = +0.0 still needs the log)
+]
+
+
+def _fused_params():
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.05) for s in FUSED_SHAPES]
+    flat = params[0].data.view(-1)
+    flat[:5], flat[5:10], flat[10:15], flat[15:17] = -0.0, 1e-40, -1e-40, 3e38  # signed zeros, denormals, huge
+    return params
+
+
+def _logs_equal(a, b):
+    if a.corrections.keys() != b.corrections.keys():
+        return False
+    for key in a.corrections:
+        (wa, va), (wb, vb) = a.corrections[key], b.corrections[key]
+        if wa.dtype != wb.dtype or not torch.equal(wa, wb) or not torch.equal(va.view(torch.int32), vb.view(torch.int32)):
+            return False
+    return True
+
+
+def _assert_same_trace(a, b):
+    """Same logs (add, reflect) and same tensors (at +delta, at -delta, after apply) at every update."""
+    for (log_a, plus_a, mirrored_a, minus_a, applied_a), (log_b, plus_b, mirrored_b, minus_b, applied_b) in zip(a, b):
+        assert _logs_equal(log_a, log_b) and _logs_equal(mirrored_a, mirrored_b)
+        assert _bits_equal(plus_a, plus_b) and _bits_equal(minus_a, minus_b) and _bits_equal(applied_a, applied_b)
+    assert len(a) == len(b) == len(FUSED_UPDATES)
+
+
+def _trace(mode, chunk, monkeypatch):
+    """Every intermediate state and log of add / reflect / undo / apply, per update, with one path."""
+    from fed_essam.perturb import reflect
+
+    monkeypatch.setenv("FED_ESSAM_NATIVE", "0" if mode == "numpy" else "1")
+    backend = "torch" if mode == "torch" else "numpy"
+    params, out = _fused_params(), []
+    for upd in FUSED_UPDATES:
+        before = [p.detach().clone() for p in params]
+        log = add_reversibly(params, upd, backend=backend, chunk=chunk)
+        plus = [p.detach().clone() for p in params]
+        mirrored = reflect(params, upd, log, backend=backend, chunk=chunk)
+        minus = [p.detach().clone() for p in params]
+        undo(params, upd.scaled(-1.0), mirrored, backend=backend, chunk=chunk)
+        assert _bits_equal(params, before), f"{mode}: not restored after {upd}"
+        apply_update(params, upd, backend=backend, chunk=chunk)
+        out.append((log, plus, mirrored, minus, [p.detach().clone() for p in params]))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 1000, 2 * 65_536 + 3])
+def test_native_loops_numpy_blocks_and_torch_ops_give_the_same_bits_and_logs(chunk, monkeypatch):
+    from fed_essam import native_probe
+
+    if native_probe.load() is None:
+        pytest.skip(f"native loops unavailable: {native_probe.unavailable_reason()}")
+    native = _trace("native", chunk, monkeypatch)
+    for other in ("numpy", "torch"):
+        _assert_same_trace(native, _trace(other, chunk, monkeypatch))
+    encodings = {where.dtype for log, *_ in native for where, _ in log.corrections.values()}
+    assert encodings == {torch.int32, torch.uint8}  # both log encodings were exercised
+
+
+def test_the_numpy_fallback_is_taken_without_a_compiler(tmp_path, monkeypatch):
+    from fed_essam import native_probe
+
+    monkeypatch.setenv("FED_ESSAM_CACHE_DIR", str(tmp_path / "cache"))  # nothing built there yet
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    native_probe.reset()
+    try:
+        assert native_probe.load() is None
+        assert "compiler" in native_probe.unavailable_reason()
+        fallback = _trace("native", 1 << 20, monkeypatch)  # asks for native, gets the NumPy blocks
+        torch_ops = _trace("torch", 1 << 20, monkeypatch)
+        _assert_same_trace(fallback, torch_ops)
+        assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.so"))
+    finally:
+        native_probe.reset()
+
+
+def test_fed_essam_native_0_forces_the_fallback(monkeypatch):
+    from fed_essam import native_probe
+
+    monkeypatch.setenv("FED_ESSAM_NATIVE", "0")
+    assert native_probe.load() is None and "FED_ESSAM_NATIVE" in native_probe.unavailable_reason()
+
+
+def test_concurrent_builds_publish_one_complete_library(tmp_path, monkeypatch):
+    import ctypes
+    import shutil
+    import threading
+
+    from fed_essam import native_probe
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    target = tmp_path / "probe.so"
+    errors = []
+
+    def build():
+        try:
+            native_probe._build(target, [shutil.which("cc")], native_probe.FLAG_SETS[1])
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [p.name for p in tmp_path.iterdir()] == ["probe.so"]  # no temporary left behind
+    assert native_probe._self_test(native_probe.NativeProbe(ctypes.CDLL(str(target))))
+
+
+def test_only_float32_cpu_tensors_with_the_numpy_backend_take_the_fused_path():
+    from fed_essam.perturb import _numpy_path
+
+    cpu32 = torch.zeros(3)
+    assert _numpy_path(cpu32, "auto") and _numpy_path(cpu32, "numpy")
+    assert not _numpy_path(cpu32, "torch") and not _numpy_path(cpu32, "compiled")
+    assert not _numpy_path(torch.zeros(3, dtype=torch.bfloat16), "auto")
+    assert not _numpy_path(torch.zeros(3, device="meta"), "auto")  # any non-CPU device (CUDA) takes torch ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_undo_log_encodings_restore_on_the_torch_path(dtype):
+    params = _params(dtype)
+    before = [p.detach().clone() for p in params]
+    for coeff in (1e-6, 1e-3, 0.3):  # sparse (indices) to dense (bitmask)
+        upd = SeedUpdate((17,), (coeff,))
+        log = add_reversibly(params, upd, backend="torch", chunk=64)
+        undo(params, upd, log, backend="torch", chunk=64)
+        assert _bits_equal(params, before)
