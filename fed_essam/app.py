@@ -295,6 +295,33 @@ def _print_progress(step: int, last: int, fields: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- #
 # Entry point
 # --------------------------------------------------------------------------- #
+def check_client_data(cfg: DictConfig) -> None:
+    """Load the task data and split it as the simulated clients will, before any model or worker starts.
+
+    Raises
+    ------
+    fed_essam.tasks.TaskDataError
+        Unreadable or malformed data files (naming the file and line).
+    fed_essam.config.ConfigError
+        A client would get an empty share (naming ``federation.num_clients`` and the client).
+    """
+    from fed_essam.config import ConfigError
+    from fed_essam.data import build_problem_sets
+    from fed_essam.partition import PartitionError, partition
+
+    train, _ = build_problem_sets(cfg)
+    f = cfg.federation
+    n = int(f.num_clients)
+    for k in range(n):
+        try:
+            share = partition(train, k, n, scheme=f.partition, alpha=f.dirichlet_alpha, seed=cfg.seed)
+        except PartitionError as err:
+            raise ConfigError(f"federation.num_clients={n}: {err}") from err
+        if not share:
+            raise ConfigError(f"federation.num_clients={n}: client {k}'s data partition is empty "
+                              f"({len(train)} training problems)")
+
+
 def run_federated(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]:
     """Run a federated simulation of ``cfg`` and return its summary (also in ``run_dir/summary.json``).
 
@@ -304,6 +331,7 @@ def run_federated(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any]
     """
     from fed_essam.metrics import read_summary
 
+    check_client_data(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     yaml_text = config_yaml(cfg)

@@ -132,9 +132,37 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(status)
 
 
+def check_overrides(argv: Sequence[str]) -> str | None:
+    """Compose the configuration of a command line first: Hydra's own error (an unknown
+    option such as ``method=nope``, a malformed override) as one line, else ``None``.
+
+    Hydra's flags (``--help``, ``--cfg``, ...) and ``hydra.*`` overrides are left to Hydra.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(a.startswith("-") for a in argv):
+        return None  # a Hydra flag: Hydra handles the whole command line
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra.")]
+    try:
+        GlobalHydra.instance().clear()
+        compose_config(overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        return one_line(err).split(" Config search path:")[0]
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
 def main() -> None:
     """Console script ``fed-essam`` (and ``python -m fed_essam``)."""
+    argv = sys.argv[1:]
+    if not any(a.lstrip("+").startswith("debug=true") for a in argv):
+        problem = check_overrides(argv)
+        if problem is not None:
+            print(f"fed-essam: error: {problem}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
     _hydra_main()
 
 
-__all__ = ["CONFIG_DIR", "compose_config", "main", "one_line", "run", "run_reporting_errors", "user_error_types"]
+__all__ = ["CONFIG_DIR", "check_overrides", "compose_config", "main", "one_line", "run", "run_reporting_errors", "user_error_types"]

@@ -228,8 +228,18 @@ def _check_run(cfg: DictConfig) -> None:
         _require(os.path.isdir(cfg.resume), "resume", "must be an existing run folder", cfg.resume)
 
 
+def _looks_like_path(name: str) -> bool:
+    """As :func:`fed_essam.models.looks_like_path` (kept here: importing models costs transformers)."""
+    return (name.startswith((".", "~")) or os.path.isabs(name) or name.count("/") > 1 or "\\" in name
+            or name.endswith(".gguf"))
+
+
 def _check_model(cfg: DictConfig) -> None:
     _require(bool(str(cfg.model.name).strip()), "model.name", "must name a model", cfg.model.name)
+    name = str(cfg.model.name)
+    if _looks_like_path(name):
+        _require(os.path.exists(os.path.expanduser(name)), "model.name",
+                 "is a model path that does not exist (model=tiny is the embedded default)", name)
     _choice(cfg, "model.dtype", DTYPES)
     _choice(cfg, "model.template", TEMPLATES)
     if cfg.model.lora is not None:

@@ -77,3 +77,59 @@ def test_user_errors_are_reported_on_one_line(tmp_path: Path, capsys: pytest.Cap
 def test_one_line_joins_lines() -> None:
     assert one_line(ConfigError("a\n  b\n")) == "a b"
     assert one_line(ValueError()) == "ValueError"
+
+
+# --------------------------------------------------------------------------- bad input, through main()
+def _problems(n: int, start: int = 0) -> str:
+    return "".join(json.dumps({"question": f"{i} + 1 = ?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}) + "\n"
+                   for i in range(start, start + n))
+
+
+BAD_INPUT = [
+    (["method.sigma=-0.5"], "method.sigma"),
+    (["method.lr=-1e-3"], "method.lr"),
+    (["method.population=0"], "method.population"),
+    (["method=nope"], "method/nope"),
+    (["task=nope"], "task/nope"),
+    (["federation.fraction=0"], "federation.fraction"),
+    (["federation.fraction=1.5"], "federation.fraction"),
+    (["federation.num_clients=5", "task.train_size=4"], "federation.num_clients"),
+    (["model.name=/no/such/model"], "model.name"),
+    (["task=jsonl", "task.path={tmp}/a-folder.jsonl"], "task.path"),  # exists but cannot be read as a file
+    (["task=jsonl", "task.path={tmp}/latin1.jsonl"], "latin1.jsonl:1"),  # not UTF-8
+    (["task=jsonl", "task.path={tmp}/bad.jsonl"], "bad.jsonl:2"),
+    (["task=jsonl", "task.path={tmp}/three.jsonl", "task.eval_path={tmp}/eval.jsonl",
+      "eval.size=2", "federation.num_clients=4", "federation.min_clients=1"], "federation.num_clients=4"),  # an empty client
+]
+
+
+@pytest.mark.parametrize(("overrides", "needle"), BAD_INPUT, ids=[" ".join(o) for o, _ in BAD_INPUT])
+def test_bad_input_exits_nonzero_with_one_line_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capfd: pytest.CaptureFixture, overrides: list[str],
+                                                          needle: str) -> None:
+    from fed_essam import cli
+
+    (tmp_path / "a-folder.jsonl").mkdir()
+    (tmp_path / "latin1.jsonl").write_bytes('{"question": "caf\u00e9?", "answer": "#### 1"}\n'.encode("latin-1"))
+    (tmp_path / "bad.jsonl").write_text("\n".join(BAD_FILE_LINES) + "\n")
+    (tmp_path / "three.jsonl").write_text(_problems(3))
+    (tmp_path / "eval.jsonl").write_text(_problems(2, start=10))
+    args = [o.format(tmp=tmp_path) for o in overrides]
+    monkeypatch.setattr(sys, "argv", ["fed-essam", *args, "federation.backend=local", "progress=false",
+                                      f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    out, err = capfd.readouterr()
+    assert info.value.code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fed-essam: error: ") and needle in lines[0], err
+    assert "Traceback" not in out + err
+    assert not (tmp_path / "run" / "summary.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_input_through_the_real_command() -> None:
+    for args, needle in ((["method=nope"], "method/nope"), (["model.name=./no/such/model"], "model.name")):
+        result = fed_essam(*args, "hydra.run.dir=/tmp/fed-essam-bad-input", timeout=120)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
