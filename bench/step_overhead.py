@@ -37,6 +37,7 @@ smoke version. Writes ``bench/results/step_overhead.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -53,7 +54,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fed_essam import ESSAM
+from fed_essam import ESSAM, native_probe
 from fed_essam.memory import PeakMemory, measure_peak_memory
 from fed_essam.noise import noise
 from fed_essam.perturb import trainable_parameters
@@ -80,7 +81,9 @@ class BenchConfig:
     sigma, rho, lr : float
         ESSAM hyperparameters (`conf/method/essam.yaml`); sigma and rho set the size of the undo logs.
     backends : tuple of str
-        Noise backends timed in the ESSAM step.
+        Noise backends timed in the ESSAM step: ``numpy`` (float32 CPU tensors take the
+        fused path: native C loops when they build), ``numpy-fallback`` (the same with
+        ``FED_ESSAM_NATIVE=0``: NumPy blocks, same bits), ``compiled``, ``torch``.
     """
 
     reps: int = 5
@@ -96,7 +99,7 @@ class BenchConfig:
     sigma: float = 2e-3
     rho: float = 4e-3
     lr: float = 2e-3
-    backends: tuple[str, ...] = ("numpy", "compiled")
+    backends: tuple[str, ...] = ("numpy", "numpy-fallback", "compiled")
 
     @property
     def floor_forwards(self) -> int:
@@ -107,7 +110,7 @@ class BenchConfig:
 def quick_config() -> BenchConfig:
     """A seconds-long smoke version (tiny model, 1 repetition)."""
     return BenchConfig(reps=1, population=2, batch=2, seq_len=16, hidden=64, layers=2, heads=2,
-                       intermediate=128, backends=("numpy",))
+                       intermediate=128, backends=("numpy", "numpy-fallback"))
 
 
 # -- model and timing helpers ---------------------------------------------------------------------
@@ -206,13 +209,39 @@ class TimedClosure:
         return loss
 
 
+FALLBACK = "-fallback"
+
+
 def make_optimizers(model: torch.nn.Module, cfg: BenchConfig) -> dict[str, ESSAM]:
-    """One ESSAM optimizer per noise backend, all on ``model``."""
+    """One ESSAM optimizer per noise backend, all on ``model`` (``numpy-fallback``: noise backend ``numpy``)."""
     return {
         backend: ESSAM(model.parameters(), lr=cfg.lr, sigma=cfg.sigma, rho=cfg.rho, population=cfg.population,
-                       ascent_population=cfg.population, seed=7, noise_backend=backend)
+                       ascent_population=cfg.population, seed=7, noise_backend=backend.removesuffix(FALLBACK))
         for backend in cfg.backends
     }
+
+
+@contextlib.contextmanager
+def native_mode(backend: str):
+    """``FED_ESSAM_NATIVE=0`` inside, for the ``*-fallback`` backends (the NumPy blocks)."""
+    if not backend.endswith(FALLBACK):
+        yield
+        return
+    saved = os.environ.get("FED_ESSAM_NATIVE")
+    os.environ["FED_ESSAM_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["FED_ESSAM_NATIVE"]
+        else:
+            os.environ["FED_ESSAM_NATIVE"] = saved
+
+
+def run_step(backend: str, opt: ESSAM, closure: Callable[[], float]) -> float:
+    """``opt.step(closure)`` in the backend's native mode."""
+    with native_mode(backend):
+        return opt.step(closure)
 
 
 def contenders(model: torch.nn.Module, ids: torch.Tensor, cfg: BenchConfig, rep: int) -> dict[str, tuple[Callable[[], float], int]]:
@@ -221,9 +250,9 @@ def contenders(model: torch.nn.Module, ids: torch.Tensor, cfg: BenchConfig, rep:
     optimizers = make_optimizers(model, cfg)
     out: dict[str, tuple[Callable[[], float], int]] = {}
     for backend, opt in optimizers.items():
-        def step(opt: ESSAM = opt) -> float:
+        def step(opt: ESSAM = opt, backend: str = backend) -> float:
             closure = TimedClosure(model, ids)
-            opt.step(closure)
+            run_step(backend, opt, closure)
             return closure.seconds
         out[f"essam_step_{backend}"] = (step, cfg.floor_forwards)
     seed = 1000 + rep
@@ -311,7 +340,8 @@ def measure_memory(model: torch.nn.Module, ids: torch.Tensor, cfg: BenchConfig) 
     forward = measure_peak_memory(lambda: forward_loss(model, ids), resident=[model])
     peaks: dict[str, PeakMemory] = {"forward": forward}
     for backend, opt in make_optimizers(model, cfg).items():
-        peaks[f"essam_step_{backend}"] = measure_peak_memory(lambda opt=opt: opt.step(lambda: forward_loss(model, ids)), resident=[model])
+        peaks[f"essam_step_{backend}"] = measure_peak_memory(
+            lambda opt=opt, backend=backend: run_step(backend, opt, lambda: forward_loss(model, ids)), resident=[model])
     peaks["backprop_adamw_step"] = _backprop_peak(model, ids)
     return {
         "peak_over_forward": {name: peak.ratio_to(forward) for name, peak in peaks.items()},
@@ -360,8 +390,9 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     forward_loss(model, ids)  # warm-up
     result["noise"] = time_noise(model, ids, cfg, log)  # compiles the compiled backend first
     log(f"noise done ({time.perf_counter() - start:.0f} s)")
-    for opt in make_optimizers(model, cfg).values():  # warm every backend once
-        opt.step(lambda: forward_loss(model, ids))
+    for backend, opt in make_optimizers(model, cfg).items():  # warm every backend once (builds the native loops)
+        run_step(backend, opt, lambda: forward_loss(model, ids))
+    result["environment"]["native_probe"] = native_probe.unavailable_reason() or "used (C loops)"
     result["timing"] = time_interleaved(model, ids, cfg, log)
     log(f"timing done ({time.perf_counter() - start:.0f} s)")
     result["memory"] = measure_memory(model, ids, cfg)
