@@ -3,7 +3,7 @@
 ::
 
     python bench/results_table.py                 # 5 methods x 3 seeds, then writes docs/results.md
-    python bench/results_table.py --jobs 2 --budget 640 --seeds 0 1 2 -- task.kwargs.min_terms=3
+    python bench/results_table.py --jobs 2 --budget 768 --seeds 0 1 2 -- task.kwargs.min_terms=3
 
 Every method gets the same budget of forward passes on the same task and the
 same held-out set; ``num_rounds`` is the budget divided by the cost of one step:
@@ -48,7 +48,7 @@ LABELS = {"essam": "ESSAM", "essam_f": "ESSAM-F", "es": "ES", "mezo": "MeZO", "b
 BACKPROP_COST = 3
 """Forward-pass equivalents of one backprop step (forward + backward ~ 2 forwards)."""
 
-DEFAULT_BUDGET = 640
+DEFAULT_BUDGET = 768
 DEFAULT_OVERRIDES: tuple[str, ...] = ("checkpoint_every=0", "eval.every=0", "eval.sharpness_directions=8")
 
 
