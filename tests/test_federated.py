@@ -188,3 +188,63 @@ def test_a_diverged_client_is_told_to_resync_and_agrees_again():
     assert [r.mismatches for r in strategy.rounds] == [0, 0, 2, 0, 1, 0, 0]
     fixed = read_log(dict(grid.contexts[bad].state.config_records[LOG_KEY]), cfg.method.noise)
     assert fixed == strategy.log[: len(fixed)]
+
+
+@pytest.mark.slow  # ~70 s of CPU (three runs, two of them fresh processes); ~2 min on a busy 2-core machine
+def test_sigkill_mid_run_and_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
+    """Real processes: ``python -m fed_essam`` killed with SIGKILL after its first checkpoint, then resumed.
+
+    Checkpoints are written to a temporary folder and renamed into place (see
+    ``tests/test_training.py::test_failed_checkpoint_write_leaves_previous_one``), so
+    whatever the kill interrupted, the run folder holds only complete checkpoints.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fed_essam.checkpoint import PARAMS_FILE, STATE_FILE, latest_checkpoint, list_checkpoints, load_checkpoint
+    from fed_essam.config import validate_config
+
+    rounds = 6
+    overrides = [*SMALL, f"num_rounds={rounds}", "federation.num_clients=2", "federation.partition=iid",
+                 "federation.backend=local", "eval.every=0", "checkpoint_every=1"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    with open(tmp_path / "first.log", "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "fed_essam", *overrides, f"hydra.run.dir={killed}"],
+                                   cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not (killed / "checkpoints" / "step-000001").is_dir():
+                assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint within 240 s"
+                time.sleep(0.05)
+            os.kill(process.pid, signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+    done = int(load_checkpoint(killed).step)
+    assert 1 <= done < rounds, f"the run got to step {done} before the kill: nothing to resume"
+    for folder in list_checkpoints(killed):  # whatever the kill interrupted, only complete checkpoints count
+        assert (folder / PARAMS_FILE).is_file() and (folder / STATE_FILE).is_file()
+
+    result = subprocess.run([sys.executable, "-m", "fed_essam", *overrides, f"resume={killed}",
+                             f"hydra.run.dir={killed}"], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    straight = tmp_path / "straight"
+    cache.clear()
+    run_federated(validate_config(compose_config(overrides)), straight)
+
+    resumed, reference = latest_checkpoint(killed), latest_checkpoint(straight)
+    assert resumed.name == reference.name == f"step-{rounds:06d}"
+    assert (resumed / PARAMS_FILE).read_bytes() == (reference / PARAMS_FILE).read_bytes()  # the same bits
+    a, b = load_checkpoint(resumed), load_checkpoint(reference)
+    assert a.update_log == b.update_log and a.fingerprint == b.fingerprint
+    assert json.loads((killed / "summary.json").read_text())["final_fingerprint"] == a.fingerprint
+    print(f"killed after step {done} of {rounds}, resumed to {rounds}: params.safetensors identical")
