@@ -298,3 +298,37 @@ def test_a_client_with_non_finite_scalars_is_dropped_and_the_update_is_the_other
     assert all(r.replies == {"ascent": 3, "descent": 3} and not r.skipped for r in strategy.rounds)
     assert strategy.log == clean.log  # the same update as from the two other clients alone
     assert torch.equal(theta, theta_clean) and torch.all(torch.isfinite(theta))
+
+
+class Malicious(QuadraticClient):
+    """Partition 7 of 8 replies huge random scalars (a test-only attacker; production code has no such knob)."""
+
+    def __call__(self, message, context):
+        reply = super().__call__(message, context)
+        if context.node_config["partition-id"] == 7:
+            record = dict(reply.content[RECORD_KEY])
+            rng = np.random.default_rng(int(record["step"]) * 2 + int(record["phase"]))
+            record["diffs"] = [float(v) for v in rng.normal(0.0, 1e6, len(record["diffs"]))]
+            reply = Message(RecordDict({RECORD_KEY: MetricRecord(record)}), reply_to=message)
+        return reply
+
+
+def test_median_and_trimmed_mean_bound_one_malicious_client_of_eight_and_mean_does_not():
+    points = _targets(64, 12) * 0.5 + 1.0  # the optimum, about 1 in every coordinate, is far from the start 0
+    data = [points[8 * k : 8 * k + 8] for k in range(8)]
+    loss = lambda theta: float(((theta - points) ** 2).mean())  # noqa: E731  held-out: the honest union
+    settings = dict(lr=0.1, rho=0.02, population=8, ascent_population=8)
+    start = loss(_base())
+    out = {}
+    for method in ("mean", "median", "trimmed_mean"):
+        for attacked in (False, True):
+            client = (Malicious if attacked else QuadraticClient)(data)
+            strategy, theta, _ = _run(_settings(aggregation=method, **settings), client, 8, 10)
+            assert all(r.replies["descent"] == 8 and not r.skipped for r in strategy.rounds)
+            out[method, attacked] = loss(theta)
+    print({f"{m}{'+attack' if a else ''}": round(v, 4) for (m, a), v in out.items()}, "start", round(start, 4))
+    gain = start - out["mean", False]
+    assert gain > 0
+    for method in ("median", "trimmed_mean"):  # the attacker is outvoted: nearly the clean run's progress
+        assert out[method, True] < start - 0.8 * gain, (method, out)
+    assert out["mean", True] > start - 0.3 * gain, out  # the attacker steers the mean: the progress is gone
