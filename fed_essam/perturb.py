@@ -14,9 +14,9 @@ on any device, because
 Probing must never leave the parameters changed, in any dtype. Adding and then
 subtracting the same ``delta`` does not give back ``theta`` in floating point:
 ``fl(fl(theta + delta) - delta) != theta`` for a fraction of the elements that grows
-with ``|delta| / |theta|`` (measured on the bench model in float32: about 11-12% at
-sigma 2e-3, about 15% for an ascent move at rho 4e-3, 0.3% at the ESSAM paper's
-rho 1e-4). So :func:`add_reversibly` records, while it adds, exactly the elements
+with ``|delta| / |theta|`` (measured on the bench model in float32: about 11.6% for a
+probe at sigma 2e-3, about 15% for a two-seed ascent move at rho 4e-3, 1.2% for a
+move of size 1e-4, the ESSAM paper's rho). So :func:`add_reversibly` records, while it adds, exactly the elements
 that the subtraction would get wrong (their original values, and where they are),
 and :func:`undo` subtracts and then writes those back. Memory: the log only, never a
 full copy. Where the logged elements are is stored per chunk as int32 indices when
