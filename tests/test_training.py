@@ -183,3 +183,43 @@ def test_other_methods_run(tmp_path: Path, method: str) -> None:
         assert math.isfinite(summary["sharpness_before"]) and math.isfinite(summary["sharpness_after"])
     else:
         assert summary["sharpness_before"] is None
+
+
+@pytest.mark.slow  # two fresh processes and an in-process reference: ~40 s of CPU
+def test_central_run_killed_with_sigkill_and_resumed_ends_bit_identical(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fed_essam.checkpoint import PARAMS_FILE
+
+    rounds = 8
+    overrides = [*TINY_RUN, f"num_rounds={rounds}", "checkpoint_every=1", "eval.every=0", "eval.size=2",
+                 "eval.max_new_tokens=4"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "fed_essam", *overrides, f"hydra.run.dir={killed}"],
+                               cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (killed / "checkpoints" / "step-000001").is_dir():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    done = load_checkpoint(killed).step
+    assert 1 <= done < rounds, f"the run got to step {done} before the kill"
+    result = subprocess.run([sys.executable, "-m", "fed_essam", *overrides, f"resume={killed}",
+                             f"hydra.run.dir={killed}"], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    straight = tmp_path / "straight"
+    train_central(compose_config(overrides), straight)
+    a, b = latest_checkpoint(killed), latest_checkpoint(straight)
+    assert a.name == b.name == f"step-{rounds:06d}"
+    assert (a / PARAMS_FILE).read_bytes() == (b / PARAMS_FILE).read_bytes()
+    assert load_checkpoint(a).update_log == load_checkpoint(b).update_log
