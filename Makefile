@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # torch first, pinned: it comes from local disk here; a looser spec pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: run test test-slow bench clean setup
+.PHONY: run test test-slow bench bench-federation bench-dp bench-results clean setup
 
 setup: $(STAMP)
 
@@ -30,6 +30,16 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/step_overhead.py
+
+# The other measured pages (each minutes to tens of minutes of CPU; see bench/README.md).
+bench-federation: $(STAMP)
+	$(PY) bench/federation_cost.py
+
+bench-dp: $(STAMP)
+	$(PY) bench/dp_cost.py
+
+bench-results: $(STAMP)
+	$(PY) bench/results_table.py --jobs 2
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

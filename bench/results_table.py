@@ -187,7 +187,7 @@ def write_page(path: Path, command: str, runs: Sequence[Run], summaries: Sequenc
         model=cfg.model.name, params=s0["trainable_parameters"], radius=cfg.eval.sharpness_radius,
         directions=cfg.eval.sharpness_directions, seeds=len({r.seed for r in runs}),
         machine=f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads={cfg.threads}",
-        minutes=total_seconds / 60, table=table(runs, summaries), per_seed=per_seed(runs, summaries),
+        minutes=sum(x['wall_seconds'] for x in summaries) / 60, table=table(runs, summaries), per_seed=per_seed(runs, summaries),
         methods="\n".join(f"- {LABELS[m]}: `{json.dumps(next(s['method_config'] for r, s in zip(runs, summaries) if r.method == m))}`"
                           + (f" with `{' '.join(method_and_overrides(m)[1])}`" if m in VARIANTS else "")
                           for m in dict.fromkeys(r.method for r in runs)),
@@ -217,7 +217,7 @@ Produced by one command (from the repository root):
   relative radius {radius} (`fed_essam.evaluation.sharpness`); lower is flatter.
 - Peak memory: one training step measured with `fed_essam.memory.measure_peak_memory` (the model's tensors plus
   the step's peak allocations; on CPU through the allocator's counter, not the process RSS).
-- Machine: {machine}. The whole table took {minutes:.0f} minutes of wall time. Each run is small enough to finish
+- Machine: {machine}. The runs took {minutes:.0f} minutes in all (sum of their wall times; `--jobs` runs them side by side). Each run is small enough to finish
   in a few minutes on this 2-core machine; wall times vary with the load of the machine.
 
 Method settings (`conf/method/*.yaml` plus the overrides of the command):
@@ -230,6 +230,15 @@ Method settings (`conf/method/*.yaml` plus the overrides of the command):
 ## Per seed
 
 {per_seed}
+
+## How to read it
+- Every row spends the same number of forward passes; the gain is in points of exact match on the same
+  100 held-out problems (one problem = one point), so differences of a few points between rows are within
+  the seeds' spread. The held-out loss is the steadier signal.
+- The LoRA row answers "does perturbing only the adapters learn faster per forward pass?": compare its loss
+  and gain with the ESSAM row (same budget). Its forward passes cost about as much as the full model's (the
+  adapters add two small matrices per attention projection); what it saves is noise generation and memory.
+- Sharpness is measured at the end point of each run; it is comparable between rows only at similar loss.
 """
 
 
