@@ -115,7 +115,10 @@ def test_bad_input_exits_nonzero_with_one_line_naming_it(tmp_path: Path, monkeyp
     (tmp_path / "three.jsonl").write_text(_problems(3))
     (tmp_path / "eval.jsonl").write_text(_problems(2, start=10))
     args = [o.format(tmp=tmp_path) for o in overrides]
+    # hydra/*_logging=none: in-process, Hydra's logging.config.dictConfig would close the stream pytest's
+    # capture manager holds (the session then dies with "I/O operation on closed file"); a real process is unaffected
     monkeypatch.setattr(sys, "argv", ["fed-essam", *args, "federation.backend=local", "progress=false",
+                                      "hydra/job_logging=none", "hydra/hydra_logging=none",
                                       f"hydra.run.dir={tmp_path / 'run'}"])
     with pytest.raises(SystemExit) as info:
         cli.main()
