@@ -190,7 +190,7 @@ def test_a_diverged_client_is_told_to_resync_and_agrees_again():
     assert fixed == strategy.log[: len(fixed)]
 
 
-@pytest.mark.slow  # ~70 s of CPU (three runs, two of them fresh processes); ~2 min on a busy 2-core machine
+# default suite: ~70 s of CPU (three runs, two of them fresh processes); the issue names this test
 def test_sigkill_mid_run_and_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
     """Real processes: ``python -m fed_essam`` killed with SIGKILL after its first checkpoint, then resumed.
 
