@@ -64,8 +64,8 @@ class TaskConfig:
     """``conf/task/*.yaml``: the training pool and the held-out set (see :mod:`fed_essam.data`)."""
 
     source: str = "chain_sum"
-    train_size: Optional[int] = 2000
-    eval_size: int = 200
+    train_size: Optional[int] = 1000
+    eval_size: int = 100
     path: Optional[str] = None
     on_error: str = "raise"
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -80,10 +80,10 @@ class MethodConfig:
     """``conf/method/*.yaml``: optimizer hyperparameters (see :mod:`fed_essam.optim`)."""
 
     name: str = "essam"
-    lr: float = 0.002
-    sigma: float = 0.002
+    lr: float = 0.03
+    sigma: float = 0.01
     rho: float = 0.0
-    population: int = 8
+    population: int = 16
     ascent_population: int = 0
     normalize_ascent: bool = False
     shaping: str = "zscore"
@@ -118,7 +118,7 @@ class PrivacyConfig:
 
     enabled: bool = False
     mode: str = "local"
-    clip: float = 1.0
+    clip: float = 0.25
     noise_multiplier: float = 1.0
     delta: float = 1e-5
 
@@ -127,10 +127,10 @@ class PrivacyConfig:
 class EvalConfig:
     """Held-out evaluation: every ``every`` steps (0: before and after only)."""
 
-    every: int = 10
-    size: int = 200
+    every: int = 4
+    size: int = 100
     batch_size: int = 100
-    max_new_tokens: int = 40
+    max_new_tokens: int = 24
     sharpness_directions: int = 0
     sharpness_radius: float = 0.01
 
@@ -147,12 +147,12 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     mode: str = "federated"
     seed: int = 0
-    num_rounds: int = 60
+    num_rounds: int = 12
     device: str = "auto"
     threads: Optional[int] = None
-    batch_size: int = 32
+    batch_size: int = 8
     fixed_batch: bool = False
-    checkpoint_every: int = 10
+    checkpoint_every: int = 4
     resume: Optional[str] = None
     progress: bool = True
     debug: bool = False

@@ -91,7 +91,23 @@ def test_more_clients_than_problems_is_fine_in_central_mode() -> None:
 
 def test_validate_accepts_plain_dicts_and_fills_defaults() -> None:
     cfg = validate_config({"mode": "central", "method": {"name": "es", "lr": 0.1, "sigma": 0.01}})
-    assert cfg.method.population == 8 and cfg.eval.size == 200
+    assert cfg.method.population == 16 and cfg.eval.size == 100
+
+
+def test_schema_defaults_match_the_yaml_defaults() -> None:
+    """A plain dict filled by the dataclasses gets the same run-level defaults as `fed-essam` with no overrides."""
+    composed, filled = _cfg_default(), validate_config({"method": {"name": "es"}})  # essam needs rho > 0
+    for key in ("num_rounds", "batch_size", "checkpoint_every", "seed", "mode"):
+        assert filled[key] == composed[key], key
+    for key in ("every", "size", "batch_size", "max_new_tokens", "sharpness_directions", "sharpness_radius"):
+        assert filled.eval[key] == composed.eval[key], f"eval.{key}"
+    for key in ("lr", "sigma", "population"):
+        assert filled.method[key] == composed.method[key], f"method.{key}"
+    assert filled.task.train_size == composed.task.train_size
+
+
+def _cfg_default():
+    return validate_config(compose_config([]))
 
 
 # --------------------------------------------------------------------------- #
